@@ -1,0 +1,29 @@
+# Everything installs into .venv; torch is the CPU wheel 2.13.0, installed before the package so that
+# nothing can pull a CUDA build of torch.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test test-all clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test]' "$(TORCH)"
+	@if $(PY) -m pip list 2>/dev/null | grep -qi '^nvidia-'; then echo "error: a CUDA torch was pulled in" >&2; exit 1; fi
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/mfrae flops --preset imagenet256-xl
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ''
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache
