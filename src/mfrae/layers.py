@@ -34,6 +34,16 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
+def unpatchify(x: Tensor, patch_size: int, channels: int) -> Tensor:
+    """[B, g*g, p*p*C] -> [B, C, g*p, g*p]; each token's outputs are ordered (pixel row, pixel column, channel)."""
+    B, N, _ = x.shape
+    g = math.isqrt(N)
+    if g * g != N:
+        raise ValueError(f"cannot unpatchify {N} tokens: not a square grid")
+    x = x.reshape(B, g, g, patch_size, patch_size, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(B, channels, g * patch_size, g * patch_size)
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation x * (1 + scale) + shift (shift/scale broadcast over tokens when per-sample)."""
     return x * (1 + scale) + shift

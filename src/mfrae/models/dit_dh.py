@@ -39,6 +39,7 @@ from mfrae.layers import (
     modulate,
     sincos_2d,
     swiglu_hidden,
+    unpatchify,
 )
 
 #################################################################################
@@ -252,13 +253,6 @@ class DiTDH(nn.Module):
             return checkpoint(block, x, c, rope, use_reentrant=False)
         return block(x, c, rope)
 
-    def unpatchify(self, x: Tensor) -> Tensor:
-        """[B, N, p*p*C] -> [B, C, H, W], each token's outputs ordered (row, column, channel)."""
-        p, C = self.config.patch_size, self.config.in_channels
-        g = self.config.input_size // p
-        x = x.reshape(x.shape[0], g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(x.shape[0], C, g * p, g * p)
-
     def forward(self, x: Tensor, t: Tensor | float, y: Tensor, r: Tensor | float | None = None) -> Tensor:
         """Velocity v(x, t, y) for a teacher; average velocity u(x, r, t, y) for a student (r = t when omitted)."""
         self._check_inputs(x, y)
@@ -280,7 +274,7 @@ class DiTDH(nn.Module):
         h = self.x_embedder(x)
         for block in self.blocks[self.enc_depth :]:
             h = self._run(block, h, s, self.dec_feat_rope)
-        return self.unpatchify(self.final_layer(h, s))
+        return unpatchify(self.final_layer(h, s), self.config.patch_size, self.config.in_channels)
 
 
 def dit_dh(size: str, input_size: int = 16, interval_embedding: bool = False, **overrides) -> DiTDH:

@@ -1,0 +1,361 @@
+"""Loading the authors' released files and saving / loading mfrae's own model files.
+
+Released files (`nyu-visionx/RAE-collections`, MF-RAE): torch pickles holding only tensors, read with
+`torch.load(..., weights_only=True)` so no arbitrary object is ever unpickled.
+    DiT^DH `stage2_model.pt`   flat state dict, or {"ema": ...} (also {"model": ...} training dicts)
+    MF-RAE checkpoints         {"ema": ...} with the `r_embedder.*` interval embedding
+    decoder `model.pt`         flat ViT decoder state dict (or an RAE state dict with `decoder.` keys)
+    `stat.pt`                  {"mean": [C, g, g], "var": [C, g, g]}
+Every load is strict: a missing, unexpected or mis-shaped key raises `CheckpointError` naming the file and
+listing the keys. The one sanctioned exception is loading a teacher into a MeanFlow student, which leaves the
+interval embedding `r_embedder.*` at its fresh initialisation (the official MF-RAE initialisation).
+
+A file is named by a local path or by `hf://OWNER/REPO[@REVISION]/PATH/IN/REPO` (downloaded through
+`huggingface_hub` when it is installed and the Hub is reachable).
+
+mfrae's own model files are safetensors with the model kind and config in the metadata, so they rebuild
+themselves: `save_model(model, path)` / `load_model(path)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pickle
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mfrae.errors import CheckpointError
+from mfrae.layers import swiglu_hidden
+from mfrae.models.dit_dh import DiTDH, DiTDHConfig
+from mfrae.models.rae import LatentStats
+from mfrae.models.vit_decoder import VIT_DECODER_SIZES, ViTDecoder, ViTDecoderConfig
+
+log = logging.getLogger("mfrae")
+
+OFFICIAL_HUB_REPO = "nyu-visionx/RAE-collections"
+INTERVAL_PREFIX = "r_embedder."
+
+#################################################################################
+#                              Locating files                                   #
+#################################################################################
+
+
+def resolve_path(spec: str | Path) -> Path:
+    """A local path as is, or `hf://owner/repo[@rev]/path` downloaded into the Hugging Face cache."""
+    spec = str(spec)
+    if not spec.startswith("hf://"):
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"no such file: {spec}")
+        return path
+    parts = spec[len("hf://") :].split("/")
+    if len(parts) < 3:
+        raise ValueError(f"a Hub file is named hf://OWNER/REPO[@REVISION]/PATH, got {spec!r}")
+    repo, _, revision = f"{parts[0]}/{parts[1]}".partition("@")
+    filename = "/".join(parts[2:])
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise FileNotFoundError(f"{spec}: install `huggingface_hub` (pip install 'mfrae[hub]') to read Hub files") from None
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision or None))
+    except Exception as err:  # offline, missing repo or file: one message that names the file
+        raise FileNotFoundError(f"cannot download {spec}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+#################################################################################
+#                          Reading tensor-only pickles                          #
+#################################################################################
+
+
+def load_torch_file(spec: str | Path) -> dict:
+    """torch.load with weights_only=True (tensors and plain containers only), memory-mapped when possible."""
+    path = resolve_path(spec)
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        reason = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        if "Unsupported global" not in text:  # not an object we refused: the bytes are not a pickle at all
+            raise CheckpointError(f"{spec}: not a readable torch checkpoint ({reason})") from None
+        raise CheckpointError(
+            f"{spec}: refused to load, the file holds objects other than tensors "
+            f"(loaded with weights_only=True, no arbitrary unpickling): {reason}"
+        ) from None
+    except Exception as err:
+        raise CheckpointError(f"{spec}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{spec}: expected a dict of tensors, found {type(obj).__name__}")
+    return obj
+
+
+def extract_state_dict(obj: dict, source: str, prefix: str | None = None) -> dict[str, Tensor]:
+    """The model weights of a checkpoint dict: `ema` if present, else `model`, else the dict itself.
+
+    A DDP `module.` prefix is removed; with `prefix` (e.g. "decoder."), a dict whose keys carry it is narrowed
+    to those keys.
+    """
+    if "ema" in obj and isinstance(obj["ema"], dict):
+        state = obj["ema"]
+    elif "model" in obj and isinstance(obj["model"], dict):
+        log.info("%s: no 'ema' weights, using 'model'", source)
+        state = obj["model"]
+    else:
+        state = obj
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(f"{source}: entries that are not tensors: {bad[:8]}{' ...' if len(bad) > 8 else ''}")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    if prefix and any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return dict(state)
+
+
+def _key_list(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+
+
+def load_state_dict_strict(
+    module: nn.Module, state: dict[str, Tensor], source: str, allow_missing: tuple[str, ...] = ()
+) -> list[str]:
+    """Load `state` into `module`, every key used and none left over; shapes must match.
+
+    Keys starting with a prefix in `allow_missing` may be absent (they keep their current values); the
+    absent ones are returned. Anything else raises `CheckpointError` listing missing / unexpected / mis-shaped keys.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    tolerated = [k for k in missing if k.startswith(allow_missing)] if allow_missing else []
+    missing = [k for k in missing if k not in tolerated]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"{source}: checkpoint does not match {type(module).__name__}"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {_key_list(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_key_list(unexpected)}")
+        if mismatched:
+            lines.append(f"  shape mismatches ({len(mismatched)}): {_key_list(mismatched)}")
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(state, strict=not tolerated)
+    return tolerated
+
+
+#################################################################################
+#                     Configs recovered from released weights                   #
+#################################################################################
+
+
+def _require(state: dict, key: str, source: str) -> Tensor:
+    if key not in state:
+        raise CheckpointError(f"{source}: missing key {key!r}; is this the right kind of checkpoint?")
+    return state[key]
+
+
+def infer_dit_dh_config(state: dict[str, Tensor], source: str = "state dict") -> DiTDHConfig:
+    """Rebuild the DiT^DH constructor arguments from tensor shapes (released files carry no config)."""
+    head_w = _require(state, "x_embedder.proj.weight", source)
+    enc_w = _require(state, "s_embedder.proj.weight", source)
+    head_dim, channels, patch, _ = head_w.shape
+    enc_dim = enc_w.shape[0]
+    grid = math.isqrt(_require(state, "pos_embed", source).shape[1])
+    if enc_dim == head_dim:
+        raise CheckpointError(f"{source}: backbone and head have the same width; pass the model config explicitly")
+    widths = {}
+    for key, value in state.items():
+        if key.startswith("blocks.") and key.endswith(".norm1.weight"):
+            widths[int(key.split(".")[1])] = value.shape[0]
+    enc_depth = sum(1 for w in widths.values() if w == enc_dim)
+    head_depth = sum(1 for w in widths.values() if w == head_dim)
+    enc_heads = enc_dim // _require(state, "enc_feat_rope.freqs_cos", source).shape[1]
+    head_heads = head_dim // _require(state, "dec_feat_rope.freqs_cos", source).shape[1]
+    hidden = _require(state, "blocks.0.mlp.w3.weight", source).shape[1]
+    mlp_ratio = next((r for r in (4.0, 1.5 * hidden / enc_dim) if swiglu_hidden(enc_dim, r) == hidden), None)
+    if mlp_ratio is None:
+        raise CheckpointError(f"{source}: cannot recover mlp_ratio from a SwiGLU width of {hidden}")
+    return DiTDHConfig(
+        input_size=grid * patch,
+        patch_size=patch,
+        in_channels=channels,
+        hidden_size=(enc_dim, head_dim),
+        depth=(enc_depth, head_depth),
+        num_heads=(enc_heads, head_heads),
+        mlp_ratio=mlp_ratio,
+        num_classes=_require(state, "y_embedder.embedding_table.weight", source).shape[0] - 1,
+        interval_embedding=any(k.startswith(INTERVAL_PREFIX) for k in state),
+    )
+
+
+def infer_vit_decoder_config(state: dict[str, Tensor], source: str = "state dict", num_heads: int | None = None) -> ViTDecoderConfig:
+    """Rebuild the decoder config from tensor shapes; the head count comes from the released sizes by width."""
+    embed = _require(state, "decoder_embed.weight", source)
+    width, enc_width = embed.shape
+    layers = len({k.split(".")[1] for k in state if k.startswith("decoder_layers.")})
+    pred = _require(state, "decoder_pred.weight", source).shape[0]
+    patch = math.isqrt(pred // 3)
+    if num_heads is None:
+        by_width = {w: h for w, _, h, _ in VIT_DECODER_SIZES.values()}
+        if width not in by_width:
+            raise CheckpointError(f"{source}: decoder width {width} is not a released size; pass num_heads")
+        num_heads = by_width[width]
+    return ViTDecoderConfig(
+        encoder_hidden_size=enc_width,
+        hidden_size=width,
+        num_layers=layers,
+        num_heads=num_heads,
+        intermediate_size=_require(state, "decoder_layers.0.intermediate.dense.weight", source).shape[0],
+        patch_size=patch,
+        num_patches=_require(state, "decoder_pos_embed", source).shape[1] - 1,
+    )
+
+
+#################################################################################
+#                               Public loaders                                  #
+#################################################################################
+
+
+def _read_weights(spec: str | Path, prefix: str | None = None) -> tuple[dict[str, Tensor], dict]:
+    """(state dict, mfrae metadata or {}) from a safetensors file of ours or a released torch file."""
+    path = resolve_path(spec)
+    if path.suffix == ".safetensors":
+        state, meta = _read_safetensors(path)
+        return extract_state_dict(state, str(spec), prefix), meta
+    return extract_state_dict(load_torch_file(path), str(spec), prefix), {}
+
+
+def load_dit_dh(spec: str | Path, config: DiTDHConfig | None = None, meanflow: bool | None = None) -> DiTDH:
+    """Build and strictly load a DiT^DH teacher or MeanFlow student.
+
+    config: expected architecture; by default recovered from the file (metadata or tensor shapes).
+    meanflow: True builds a student (a teacher file then initialises everything but `r_embedder`),
+    False a teacher, None whatever the file holds.
+    """
+    state, meta = _read_weights(spec)
+    if config is None:
+        config = DiTDHConfig(**_tuple_fields(meta["config"])) if meta.get("config") else infer_dit_dh_config(state, str(spec))
+    file_is_student = any(k.startswith(INTERVAL_PREFIX) for k in state)
+    if meanflow is not None and meanflow != config.interval_embedding:
+        config = DiTDHConfig(**{**config.to_dict(), "interval_embedding": meanflow})
+    model = DiTDH(config)
+    allow = (INTERVAL_PREFIX,) if config.interval_embedding and not file_is_student else ()
+    fresh = load_state_dict_strict(model, state, str(spec), allow_missing=allow)
+    if fresh:
+        log.info(
+            "%s: teacher weights loaded into a MeanFlow student; the interval embedding (%d tensors: %s) "
+            "keeps its fresh initialisation, as in the official MF-RAE initialisation",
+            spec, len(fresh), ", ".join(fresh),
+        )
+    return model
+
+
+def load_vit_decoder(spec: str | Path, config: ViTDecoderConfig | None = None) -> ViTDecoder:
+    """Build and strictly load a ViT decoder (a released `model.pt`, an RAE state dict, or our safetensors)."""
+    state, meta = _read_weights(spec, prefix="decoder.")
+    if config is None:
+        config = ViTDecoderConfig(**meta["config"]) if meta.get("config") else infer_vit_decoder_config(state, str(spec))
+    model = ViTDecoder(config)
+    if "trainable_cls_token" not in state:
+        # Some converters tolerate files without it; the official module then keeps its zero init.
+        log.info("%s: no trainable_cls_token, using zeros", spec)
+        state = {**state, "trainable_cls_token": torch.zeros_like(model.trainable_cls_token)}
+    load_state_dict_strict(model, state, str(spec))
+    return model
+
+
+def load_latent_stats(spec: str | Path, eps: float = 1e-5) -> LatentStats:
+    """`stat.pt` ({"mean", "var"} of shape [C, g, g], a leading 1 tolerated) or our safetensors equivalent."""
+    path = resolve_path(spec)
+    obj = _read_safetensors(path)[0] if path.suffix == ".safetensors" else load_torch_file(path)
+    for key in ("mean", "var"):
+        if key not in obj or not isinstance(obj[key], Tensor):
+            raise CheckpointError(f"{spec}: latent statistics need a tensor {key!r}; found keys {sorted(obj)}")
+    mean, var = obj["mean"], obj["var"]
+    if mean.dim() == 4 and mean.shape[0] == 1:
+        mean, var = mean[0], var[0]
+    try:
+        return LatentStats(mean, var, eps=eps)
+    except ValueError as err:
+        raise CheckpointError(f"{spec}: {err}") from None
+
+
+#################################################################################
+#                          mfrae's own safetensors files                        #
+#################################################################################
+
+_KINDS = {"dit_dh": (DiTDH, DiTDHConfig), "vit_decoder": (ViTDecoder, ViTDecoderConfig)}
+
+
+def _tuple_fields(config: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    meta = {"kind": raw.get("mfrae.kind")}
+    if "mfrae.config" in raw:
+        meta["config"] = json.loads(raw["mfrae.config"])
+    return state, meta
+
+
+def save_model(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write a model's state dict and its config to safetensors (atomically: temp file, then rename)."""
+    from safetensors.torch import save_file
+
+    kind = next((k for k, (cls, _) in _KINDS.items() if isinstance(model, cls)), None)
+    if kind is None:
+        raise TypeError(f"save_model knows DiTDH and ViTDecoder, not {type(model).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"mfrae.kind": kind, "mfrae.config": json.dumps(model.config.to_dict()), **(extra_metadata or {})}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def load_model(spec: str | Path) -> nn.Module:
+    """Rebuild a model saved by `save_model` (kind and config from the file's metadata)."""
+    path = resolve_path(spec)
+    state, meta = _read_safetensors(path)
+    if meta.get("kind") not in _KINDS or "config" not in meta:
+        raise CheckpointError(f"{spec}: not an mfrae model file (no mfrae.kind / mfrae.config metadata)")
+    cls, config_cls = _KINDS[meta["kind"]]
+    model = cls(config_cls(**_tuple_fields(meta["config"])))
+    load_state_dict_strict(model, state, str(spec))
+    return model
+
+
+def save_latent_stats(stats: LatentStats, path: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in stats.to_dict().items()}, str(tmp), metadata={"mfrae.kind": "latent_stats"})
+    tmp.replace(path)
+    return path

@@ -1,0 +1,166 @@
+"""Frozen representation encoders for the RAE, behind a small registry.
+
+An encoder maps images in [0, 1] to raw representation tokens [B, N, C] (N = grid^2, row-major patches),
+before any latent normalisation. The default is DINOv2-B with registers (RAE spec section 2); further
+encoders register themselves with `@register_encoder(name)` and are built with `build_encoder(name, ...)`.
+Encoders are frozen: their weights never train and are never written into mfrae checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class RepresentationEncoder(nn.Module):
+    """Base class of frozen encoders.
+
+    Subclasses set `input_size` (pixels seen by the network), `patch_size`, `hidden_size` and the
+    `image_mean` / `image_std` buffers (the decoder predicts pixels in this normalised space), and implement
+    `features(images_normalised) -> [B, N, C]`.
+    """
+
+    name: str = "encoder"
+    input_size: int
+    patch_size: int
+    hidden_size: int
+
+    def _set_image_normalisation(self, mean, std) -> None:
+        self.register_buffer("image_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def _freeze(self) -> None:
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True):  # noqa: D102 - frozen encoders stay in eval mode
+        return super().train(False)
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    def fingerprint(self) -> str:
+        """A short string that identifies the weights (used to key latent caches)."""
+        return self.name
+
+    def features(self, pixels: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [0, 1] -> tokens [B, N, C]."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"encoder expects RGB images [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
+        if images.shape[-2:] != (self.input_size, self.input_size):
+            # Plain bicubic (no antialias), as the reference pipeline does before normalisation.
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
+        return self.features((images - self.image_mean) / self.image_std)
+
+
+#################################################################################
+#                                 Registry                                      #
+#################################################################################
+
+ENCODERS: dict[str, Callable[..., RepresentationEncoder]] = {}
+
+
+def register_encoder(name: str):
+    def decorator(factory: Callable[..., RepresentationEncoder]):
+        ENCODERS[name] = factory
+        return factory
+
+    return decorator
+
+
+def build_encoder(name: str, **options) -> RepresentationEncoder:
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; registered: {sorted(ENCODERS)}")
+    return ENCODERS[name](**options)
+
+
+#################################################################################
+#                           DINOv2 with registers                               #
+#################################################################################
+
+DINOV2_B_REG = "facebook/dinov2-with-registers-base"
+
+
+@register_encoder("dinov2")
+class DINOv2Encoder(RepresentationEncoder):
+    """Hugging Face `Dinov2WithRegistersModel` with the final LayerNorm stripped of its affine,
+    the CLS and register tokens dropped (RAE spec 2).
+
+    `path` is a Hub id (needs the network or a filled HF cache) or a local folder saved with
+    `save_pretrained`. 224 px input gives a 16 x 16 grid for 256 px images, 448 px a 32 x 32 grid for 512 px.
+    """
+
+    name = "dinov2"
+
+    def __init__(self, path: str = DINOV2_B_REG, input_size: int = 224):
+        super().__init__()
+        from transformers import Dinov2WithRegistersModel
+
+        try:
+            model = Dinov2WithRegistersModel.from_pretrained(str(path))
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(
+                f"cannot load the DINOv2 encoder from {str(path)!r}: {err}. Pass a local folder "
+                f"(e.g. made with `hf download {DINOV2_B_REG} --local-dir DIR`) when the Hub is unreachable."
+            ) from None
+        cfg = model.config
+        # normalize=True in RAE: every output token is standardised over its channels, no scale/shift.
+        model.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, elementwise_affine=False)
+        self.model = model
+        self.path = str(path)
+        self.input_size = int(input_size)
+        self.patch_size = int(cfg.patch_size)
+        self.hidden_size = int(cfg.hidden_size)
+        self.num_prefix_tokens = 1 + int(cfg.num_register_tokens)
+        if self.input_size % self.patch_size:
+            raise ValueError(f"encoder input size {input_size} is not a multiple of the patch size {self.patch_size}")
+        mean, std = _processor_normalisation(path)
+        self._set_image_normalisation(mean, std)
+        self._freeze()
+
+    def fingerprint(self) -> str:
+        return f"dinov2:{Path(self.path).name}:{self.input_size}"
+
+    def features(self, pixels: Tensor) -> Tensor:
+        tokens = self.model(pixel_values=pixels).last_hidden_state
+        return tokens[:, self.num_prefix_tokens :]
+
+
+def _processor_normalisation(path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std from a local folder's `preprocessor_config.json`, else the ImageNet values (same as the Hub's)."""
+    config_file = Path(path) / "preprocessor_config.json"
+    if config_file.is_file():
+        cfg = json.loads(config_file.read_text())
+        return tuple(cfg.get("image_mean", IMAGENET_MEAN)), tuple(cfg.get("image_std", IMAGENET_STD))
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def tokens_to_grid(tokens: Tensor) -> Tensor:
+    """[B, N, C] -> [B, C, g, g] (channel = token feature, (h, w) = patch grid)."""
+    B, N, C = tokens.shape
+    g = math.isqrt(N)
+    if g * g != N:
+        raise ValueError(f"{N} tokens do not form a square grid")
+    return tokens.transpose(1, 2).reshape(B, C, g, g)
+
+
+def grid_to_tokens(grid: Tensor) -> Tensor:
+    """[B, C, g, g] -> [B, g*g, C], the inverse of `tokens_to_grid`."""
+    return grid.flatten(2).transpose(1, 2)

@@ -1,0 +1,138 @@
+"""Representation Autoencoder (RAE, arXiv 2510.11690): a frozen representation encoder, per-element latent
+normalisation, and a trainable ViT pixel decoder.
+
+    encode:  x in [0, 1] -> tokens = E(x) [+ sigma n in training] -> grid [C, g, g] -> (z - mean) / sqrt(var + eps)
+    decode:  z -> z sqrt(var + eps) + mean -> tokens -> D(tokens) * image_std + image_mean   (not clamped)
+
+Noise augmentation (spec 5.1): in training mode with tau > 0, the raw tokens get sigma * n, n ~ N(0, I), with
+sigma drawn per sample; `noise_dist="uniform"` draws sigma = tau * U[0, 1) (the official code),
+`"halfnormal"` draws sigma = |N(0, tau^2)| (the paper). In eval mode no noise is added.
+
+The encoder is frozen and excluded from `state_dict()`: checkpoints hold the decoder and the statistics only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mfrae.models.encoders import RepresentationEncoder, grid_to_tokens, tokens_to_grid
+from mfrae.models.vit_decoder import ViTDecoder
+
+NOISE_DISTRIBUTIONS = ("uniform", "halfnormal")
+
+
+class LatentStats(nn.Module):
+    """Per-element latent statistics {mean, var} of shape [C, g, g]: z_norm = (z - mean) / sqrt(var + eps)."""
+
+    def __init__(self, mean: Tensor, var: Tensor, eps: float = 1e-5):
+        super().__init__()
+        if mean.shape != var.shape or mean.dim() != 3:
+            raise ValueError(f"latent stats need mean and var of one shape [C, H, W], got {tuple(mean.shape)} and {tuple(var.shape)}")
+        if (var < 0).any():
+            raise ValueError("latent stats hold a negative variance")
+        self.eps = eps
+        self.register_buffer("mean", mean.float().clone())
+        self.register_buffer("var", var.float().clone())
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.mean.shape)
+
+    def normalize(self, z: Tensor) -> Tensor:
+        return (z - self.mean) / torch.sqrt(self.var + self.eps)
+
+    def denormalize(self, z: Tensor) -> Tensor:
+        return z * torch.sqrt(self.var + self.eps) + self.mean
+
+    def to_dict(self) -> dict[str, Tensor]:
+        """The official `stat.pt` layout."""
+        return {"mean": self.mean.detach().cpu(), "var": self.var.detach().cpu()}
+
+
+class RAE(nn.Module):
+    def __init__(
+        self,
+        encoder: RepresentationEncoder,
+        decoder: ViTDecoder | None = None,
+        stats: LatentStats | None = None,
+        noise_tau: float = 0.0,
+        noise_dist: str = "uniform",
+    ):
+        super().__init__()
+        if decoder is not None and decoder.config.encoder_hidden_size != encoder.hidden_size:
+            raise ValueError(
+                f"decoder expects {decoder.config.encoder_hidden_size}-d tokens but the encoder makes {encoder.hidden_size}-d ones"
+            )
+        if noise_dist not in NOISE_DISTRIBUTIONS:
+            raise ValueError(f"noise_dist must be one of {NOISE_DISTRIBUTIONS}, got {noise_dist!r}")
+        if noise_tau < 0:
+            raise ValueError(f"noise_tau must be >= 0, got {noise_tau}")
+        latent_shape = (encoder.hidden_size, encoder.grid_size, encoder.grid_size)
+        if stats is not None and stats.shape != latent_shape:
+            raise ValueError(f"latent stats have shape {stats.shape}, the encoder makes latents of shape {latent_shape}")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.stats = stats
+        self.noise_tau = float(noise_tau)
+        self.noise_dist = noise_dist
+        self._register_state_dict_hook(_drop_encoder_weights)
+        self.register_load_state_dict_pre_hook(_keep_encoder_weights)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.encoder.hidden_size, self.encoder.grid_size, self.encoder.grid_size)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.train(False)
+        return self
+
+    def add_noise(self, tokens: Tensor) -> Tensor:
+        shape = (tokens.shape[0],) + (1,) * (tokens.dim() - 1)
+        if self.noise_dist == "uniform":
+            sigma = self.noise_tau * torch.rand(shape, device=tokens.device, dtype=tokens.dtype)
+        else:
+            sigma = (self.noise_tau * torch.randn(shape, device=tokens.device, dtype=tokens.dtype)).abs()
+        return tokens + sigma * torch.randn_like(tokens)
+
+    def encode_tokens(self, images: Tensor) -> Tensor:
+        """Raw encoder tokens [B, N, C], noise-augmented in training mode."""
+        with torch.no_grad():
+            tokens = self.encoder(images)
+        if self.training and self.noise_tau > 0:
+            tokens = self.add_noise(tokens)
+        return tokens
+
+    def encode(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [0, 1] -> normalised latents [B, C, g, g]."""
+        z = tokens_to_grid(self.encode_tokens(images))
+        return self.stats.normalize(z) if self.stats is not None else z
+
+    def decode_tokens(self, tokens: Tensor) -> Tensor:
+        """Raw tokens [B, N, C] -> images [B, 3, H, W] (about [0, 1]; not clamped)."""
+        if self.decoder is None:
+            raise ValueError("this RAE has no decoder (built for encoding only)")
+        return self.decoder(tokens) * self.encoder.image_std + self.encoder.image_mean
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """normalised latents [B, C, g, g] -> images [B, 3, H, W] (about [0, 1]; not clamped)."""
+        if latents.dim() != 4 or tuple(latents.shape[1:2]) != (self.encoder.hidden_size,):
+            raise ValueError(f"RAE.decode expects latents [B, {self.encoder.hidden_size}, g, g], got {tuple(latents.shape)}")
+        z = self.stats.denormalize(latents) if self.stats is not None else latents
+        return self.decode_tokens(grid_to_tokens(z))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Reconstruction D(E(x)) (noise-augmented in training mode)."""
+        return self.decode_tokens(self.encode_tokens(images))
+
+
+def _drop_encoder_weights(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix + "encoder.")]:
+        del state_dict[key]
+
+
+def _keep_encoder_weights(module, state_dict, prefix, *args):
+    # The frozen encoder is never in a checkpoint: keep the loaded weights it already has.
+    for key, value in module.encoder.state_dict(prefix=prefix + "encoder.").items():
+        state_dict.setdefault(key, value)

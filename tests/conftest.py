@@ -1,0 +1,36 @@
+"""Shared fixtures: the conformance folder and tiny model configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never reach the network: Hub lookups fail fast instead of timing out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CONFORMANCE_DIR = Path(os.environ.get("MFRAE_CONFORMANCE_DIR", REPO.parent / "shared" / "conformance"))
+
+
+def conformance_cases() -> list[Path]:
+    if not CONFORMANCE_DIR.is_dir():
+        return []
+    return sorted(p for p in CONFORMANCE_DIR.iterdir() if (p / "manifest.json").is_file())
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def randomize_(module: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
+    """Fill every trainable tensor with noise so zero-initialised layers (adaLN, outputs) carry signal."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.normal_(0, std)
+    return module
