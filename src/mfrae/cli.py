@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("mfrae.eval.cli", "FD / FID, precision / recall and class accuracy of samples against a reference set"),
     "flops": ("mfrae.flops", "per-image GMACs / GFLOPs and parameter counts of a preset"),
     "toy": ("mfrae.flow.toy", "train FM / CMT / MFD / MFT on a 2-D Gaussian mixture with a closed-form flow"),
+    "train": ("mfrae.train.cli", "train one stage: decoder, teacher, cmt, mfd or mft"),
+    "stats": ("mfrae.stats", "compute the latent mean / variance file of a dataset and encoder"),
+    "sample": ("mfrae.sample", "generate images with a teacher (ODE) or MeanFlow (1, 2 or N jumps) checkpoint"),
 }
 
 
@@ -30,6 +35,15 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Arg
     return parser, selected
 
 
+def _log_to_stderr() -> None:
+    logger = logging.getLogger("mfrae")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[mfrae] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser, _ = build_parser(argv)
@@ -37,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    _log_to_stderr()
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)

@@ -1,0 +1,230 @@
+"""Feature extractors by name: uint8 NHWC image batches -> float64 feature matrices [N, F].
+
+Built-in names:
+* `inception`: the FID Inception-v3 pool features (2048-d); needs the weights file (`inception_weights`
+  option or `$MFRAE_FID_INCEPTION`). FD on these features is FID.
+* `encoder`: a frozen representation encoder; FD on its features is the FD-DINOv2-style metric. Either pass
+  an in-memory module (`FeatureOptions.module`) or a local Hugging Face model folder (`FeatureOptions.encoder`,
+  e.g. DINOv2); images are resized (bicubic, antialiased) to `encoder_image_size` and normalized with the
+  ImageNet mean / std (or the folder's `preprocessor_config.json`). The feature is the class token after
+  the final norm (HF `pooler_output`); see `pool_encoder_output` for other output shapes.
+* `pixels`: the image itself, area-downsampled so that its longer side is at most `pixels_size`, flattened,
+  in [0, 1]. Cheap and exact; meant for tests and tiny data.
+
+Other code adds extractors with `register_feature_extractor(name, factory)`, where `factory(options)` returns
+a `FeatureExtractor`. An extractor may also return class logits (for class accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mfrae.eval.samples import check_uint8_nhwc, from_uint8_nhwc
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# A forward maps float images [B, 3, H, W] in [0, 1] (already on the device) to features [B, F], or to
+# (features [B, F], class logits [B, K]) when the extractor can also classify.
+ForwardFn = Callable[[Tensor], Tensor | tuple[Tensor, Tensor]]
+
+
+@dataclass
+class FeatureOptions:
+    """Everything a factory may need; each factory reads only its own fields."""
+
+    device: str = "cpu"
+    batch_size: int = 64
+    inception_weights: str | None = None  # `inception`: weights file (else $MFRAE_FID_INCEPTION)
+    encoder: str | None = None  # `encoder`: local Hugging Face model folder
+    module: Callable[[Tensor], Any] | None = None  # `encoder`: an in-memory encoder instead of a folder
+    encoder_image_size: int = 224
+    pixels_size: int = 32  # `pixels`: longer side after downsampling
+    extra: dict[str, Any] = field(default_factory=dict)  # for extractors registered elsewhere
+
+
+class Extracted(NamedTuple):
+    features: np.ndarray  # float64 [N, F]
+    predictions: np.ndarray | None  # int64 [N] argmax of the logits, when the extractor classifies
+
+
+class FeatureExtractor:
+    """Runs `forward` over a uint8 NHWC array in batches under `torch.inference_mode`."""
+
+    def __init__(self, name: str, forward: ForwardFn, device: str | torch.device = "cpu", batch_size: int = 64) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.name = name
+        self.forward = forward
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    def extract(self, images: np.ndarray) -> Extracted:
+        """Features (and class predictions, if any) of uint8 images [N, H, W, 3]."""
+        images = check_uint8_nhwc(images, f"features '{self.name}'")
+        feats: list[np.ndarray] = []
+        preds: list[np.ndarray] = []
+        with torch.inference_mode():
+            for start in range(0, images.shape[0], self.batch_size):
+                batch = from_uint8_nhwc(images[start:start + self.batch_size], self.device)
+                out = self.forward(batch)
+                logits = None
+                if isinstance(out, tuple):
+                    out, logits = out
+                if out.ndim != 2 or out.shape[0] != batch.shape[0]:
+                    raise ValueError(f"feature extractor '{self.name}' returned shape {tuple(out.shape)}, "
+                                     f"expected [{batch.shape[0]}, F]")
+                feats.append(out.double().cpu().numpy())
+                if logits is not None:
+                    preds.append(logits.argmax(dim=1).cpu().numpy().astype(np.int64))
+        predictions = np.concatenate(preds) if preds else None
+        return Extracted(features=np.concatenate(feats), predictions=predictions)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.extract(images).features
+
+
+FeatureFactory = Callable[[FeatureOptions], FeatureExtractor]
+_REGISTRY: dict[str, FeatureFactory] = {}
+
+
+def register_feature_extractor(name: str, factory: FeatureFactory, *, overwrite: bool = False) -> None:
+    """Make `name` available to `build_feature_extractor` and `mfrae eval --features NAME`."""
+    if not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"feature extractor name must be alphanumeric (with - or _), got {name!r}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"feature extractor {name!r} is already registered (pass overwrite=True to replace it)")
+    _REGISTRY[name] = factory
+
+
+def unregister_feature_extractor(name: str) -> None:
+    """Remove `name` from the registry (no error if absent)."""
+    _REGISTRY.pop(name, None)
+
+
+def available_feature_extractors() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_feature_extractor(name: str, options: FeatureOptions | None = None) -> FeatureExtractor:
+    """The extractor registered as `name`, built with `options` (defaults if None)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown features {name!r}; available: {', '.join(available_feature_extractors())}")
+    return _REGISTRY[name](options or FeatureOptions())
+
+
+# ---------------------------------------------------------------------------------------------- built-ins
+
+
+def _pixels_factory(options: FeatureOptions) -> FeatureExtractor:
+    size = options.pixels_size
+    if size < 1:
+        raise ValueError(f"pixels_size must be >= 1, got {size}")
+
+    def forward(x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        scale = size / max(h, w)
+        if scale < 1.0:
+            # Area averaging: each output pixel is the mean of the input pixels it covers (no aliasing).
+            x = F.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="area")
+        return x.flatten(1)
+
+    return FeatureExtractor("pixels", forward, device=options.device, batch_size=options.batch_size)
+
+
+def _inception_factory(options: FeatureOptions) -> FeatureExtractor:
+    from mfrae.eval.inception import load_fid_inception
+
+    model = load_fid_inception(options.inception_weights, device=options.device)
+    return FeatureExtractor("inception", model, device=options.device, batch_size=options.batch_size)
+
+
+def pool_encoder_output(out: Any) -> Tensor:
+    """Reduce an encoder output to [B, F]: HF outputs -> `pooler_output` (else the first token of
+    `last_hidden_state`); [B, F] as is; tokens [B, T, D] -> first (class) token; maps [B, C, H, W] -> mean."""
+    if not isinstance(out, Tensor):
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            hidden = getattr(out, "last_hidden_state", None)
+            if hidden is None:
+                raise ValueError(f"cannot take features from an encoder output of type {type(out).__name__}")
+            pooled = hidden[:, 0]
+        out = pooled
+    if out.ndim == 2:
+        return out
+    if out.ndim == 3:
+        return out[:, 0]
+    if out.ndim == 4:
+        return out.mean(dim=(2, 3))
+    raise ValueError(f"cannot take features from an encoder output of shape {tuple(out.shape)}")
+
+
+def encoder_feature_extractor(encoder: Callable[[Tensor], Any], *, image_size: int | None = 224,
+                              mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                              name: str = "encoder", device: str | torch.device = "cpu",
+                              batch_size: int = 64) -> FeatureExtractor:
+    """Wrap a frozen encoder: [0, 1] images -> resize to `image_size` (bicubic, antialiased; None keeps the
+    size) -> (x - mean) / std -> encoder -> `pool_encoder_output`."""
+    if isinstance(encoder, nn.Module):
+        encoder = encoder.eval().requires_grad_(False).to(device)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def forward(x: Tensor) -> Tensor:
+        if image_size is not None and x.shape[-2:] != (image_size, image_size):
+            x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False,
+                              antialias=True).clamp_(0.0, 1.0)  # bicubic overshoots; images stay in [0, 1]
+        return pool_encoder_output(encoder((x - mean_t) / std_t)).float()
+
+    return FeatureExtractor(name, forward, device=device, batch_size=batch_size)
+
+
+def _load_hf_encoder(folder: str) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"encoder folder {path} has no config.json (expected a Hugging Face model folder)")
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(path), local_files_only=True)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    preprocessor = path / "preprocessor_config.json"
+    if preprocessor.is_file():
+        config = json.loads(preprocessor.read_text())
+        mean = tuple(config.get("image_mean", mean))
+        std = tuple(config.get("image_std", std))
+
+    class _Call(nn.Module):  # HF models take `pixel_values=`; give them a plain call
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: Tensor) -> Any:
+            return self.inner(pixel_values=x)
+
+    return _Call(model), mean, std
+
+
+def _encoder_factory(options: FeatureOptions) -> FeatureExtractor:
+    if options.module is not None:
+        encoder, mean, std = options.module, IMAGENET_MEAN, IMAGENET_STD
+    elif options.encoder is not None:
+        encoder, mean, std = _load_hf_encoder(options.encoder)
+    else:
+        raise ValueError("features 'encoder' need an encoder: a local Hugging Face model folder (--encoder PATH) "
+                         "or an in-memory module (FeatureOptions.module)")
+    return encoder_feature_extractor(encoder, image_size=options.encoder_image_size, mean=mean, std=std,
+                                     device=options.device, batch_size=options.batch_size)
+
+
+register_feature_extractor("pixels", _pixels_factory)
+register_feature_extractor("inception", _inception_factory)
+register_feature_extractor("encoder", _encoder_factory)

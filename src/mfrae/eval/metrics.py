@@ -1,0 +1,215 @@
+"""Distribution metrics on feature vectors: Fréchet distance, k-NN precision / recall, class accuracy.
+
+All functions take numpy arrays (any float dtype; computed in float64) and return Python floats.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import scipy.linalg
+
+# Diagonal offset added to both covariances when sqrtm(S1 S2) fails on a (near-)singular product.
+SQRTM_EPS = 1e-6
+# Relative residual ||X X - A||_F / ||A||_F above which a matrix square root is not trusted.
+_SQRTM_MAX_RESIDUAL = 1e-5
+# Imaginary parts of sqrtm's diagonal up to this fraction of its mean |real diagonal| are rounding noise.
+_MAX_IMAG_FRACTION = 1e-3
+
+
+def _as_float64(name: str, value: np.ndarray, ndim: int) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+def _sqrtm(a: np.ndarray) -> tuple[np.ndarray, float]:
+    """scipy's matrix square root of `a` and its relative residual ||X X - a||_F / ||a||_F (inf if non-finite)."""
+    with warnings.catch_warnings():
+        # scipy warns on singular input; the residual below decides whether the root is usable.
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm(a)
+    if not np.isfinite(root).all():
+        return root, float("inf")
+    scale = max(float(np.linalg.norm(a)), float(np.finfo(np.float64).tiny))
+    return root, float(np.linalg.norm(root @ root - a)) / scale
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = SQRTM_EPS) -> float:
+    """Fréchet (2-Wasserstein) distance between N(mu1, S1) and N(mu2, S2):
+
+        FD = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})
+
+    (S1 S2)^{1/2} is computed with `scipy.linalg.sqrtm`. If that fails on a (near-)singular product
+    (non-finite result or a relative residual above 1e-5), it is recomputed on ((S1 + eps I)(S2 + eps I)).
+    Small imaginary parts from rounding are dropped; a large imaginary part raises ValueError. A negative
+    total (only reachable through rounding, e.g. when the two Gaussians coincide) is returned as 0.
+    """
+    mu1 = _as_float64("mu1", mu1, 1)
+    mu2 = _as_float64("mu2", mu2, 1)
+    sigma1 = _as_float64("sigma1", sigma1, 2)
+    sigma2 = _as_float64("sigma2", sigma2, 2)
+    d = mu1.shape[0]
+    if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(f"shape mismatch: mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, "
+                         f"sigma2 {sigma2.shape}; expected ({d},) and ({d}, {d})")
+
+    covmean, residual = _sqrtm(sigma1 @ sigma2)
+    if residual > _SQRTM_MAX_RESIDUAL:
+        # (Near-)singular product: shift both covariances by eps I and take the best root we can get.
+        offset = eps * np.eye(d)
+        covmean, residual = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        if not np.isfinite(residual):
+            raise ValueError(f"matrix square root of S1 S2 is not finite even with a diagonal offset of {eps}")
+    if np.iscomplexobj(covmean):
+        diag = np.diagonal(covmean)
+        tolerance = _MAX_IMAG_FRACTION * max(1.0, float(np.mean(np.abs(diag.real))))
+        if np.max(np.abs(diag.imag)) > tolerance:
+            raise ValueError(f"matrix square root of S1 S2 has a large imaginary part "
+                             f"({np.max(np.abs(diag.imag)):.3g}); the covariances are probably not valid")
+        covmean = covmean.real
+
+    diff = mu1 - mu2
+    fd = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return max(fd, 0.0)
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Mean, covariance and sample count of a feature set; `features` names the extractor (may be empty).
+
+    Saved as an .npz with keys `mu` [D], `sigma` [D, D], `n` (scalar) and `features` (string)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+    features: str = ""
+
+    @classmethod
+    def from_features(cls, features: np.ndarray, name: str = "") -> FeatureStats:
+        """Sample mean and unbiased covariance (divide by N - 1) of `features` [N, D]; needs N >= 2."""
+        feats = _as_float64("features", features, 2)
+        if feats.shape[0] < 2:
+            raise ValueError(f"need at least 2 feature vectors for a covariance, got {feats.shape[0]}")
+        return cls(mu=feats.mean(axis=0), sigma=np.cov(feats, rowvar=False).reshape(feats.shape[1], -1),
+                   n=int(feats.shape[0]), features=name)
+
+    def frechet_distance(self, other: FeatureStats) -> float:
+        """FD between the Gaussians fitted to `self` and `other`."""
+        return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the stats to `path` (.npz; written to exactly this path even without the suffix)."""
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "wb") as fh:  # a file handle keeps numpy from appending ".npz"
+            np.savez(fh, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), features=np.str_(self.features))
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FeatureStats:
+        """Read stats written by `save` (or any .npz with `mu` and `sigma`; `n` and `features` optional)."""
+        src = Path(path)
+        if not src.is_file():
+            raise FileNotFoundError(f"feature stats file not found: {src}")
+        try:
+            data = np.load(src, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read feature stats {src} as .npz: {err}") from err
+        with data:
+            missing = [key for key in ("mu", "sigma") if key not in data.files]
+            if missing:
+                raise ValueError(f"feature stats {src} lacks key(s) {missing} (has {sorted(data.files)})")
+            mu, sigma = data["mu"], data["sigma"]
+            n = int(data["n"]) if "n" in data.files else 0
+            name = str(data["features"]) if "features" in data.files else ""
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise ValueError(f"feature stats {src}: 'mu' has shape {mu.shape} and 'sigma' {sigma.shape}; "
+                             f"expected (D,) and (D, D)")
+        if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
+            raise ValueError(f"feature stats {src}: 'mu'/'sigma' must be floating point, "
+                             f"got {mu.dtype}/{sigma.dtype}")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ValueError(f"feature stats {src}: 'mu' or 'sigma' contains NaN or infinite values")
+        return cls(mu=mu.astype(np.float64), sigma=sigma.astype(np.float64), n=n, features=name)
+
+
+class PrecisionRecall(NamedTuple):
+    precision: float
+    recall: float
+
+
+# Pairwise-distance blocks hold at most this many float64 entries (2**24 -> 128 MiB).
+_MAX_BLOCK_ELEMENTS = 2**24
+
+
+def _squared_distance_block(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
+    """||a_i - b_j||^2 for a block of rows `a` against all of `b` (b_sq = ||b_j||^2 precomputed)."""
+    d2 = np.sum(a * a, axis=1)[:, None] + b_sq[None, :] - 2.0 * (a @ b.T)
+    return np.maximum(d2, 0.0)  # the expansion can dip below 0 by rounding
+
+
+def _rows_per_block(n_cols: int) -> int:
+    return max(1, _MAX_BLOCK_ELEMENTS // max(n_cols, 1))
+
+
+def knn_radii(features: np.ndarray, k: int) -> np.ndarray:
+    """Squared distance from each row to its k-th nearest *other* row of `features` (k-NN ball radius^2)."""
+    n = features.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"k must be in [1, {n - 1}] for {n} feature vectors, got k={k}")
+    sq = np.sum(features * features, axis=1)
+    radii = np.empty(n)
+    step = _rows_per_block(n)
+    for start in range(0, n, step):
+        block = _squared_distance_block(features[start:start + step], features, sq)
+        # Each row's own distance (0) is the smallest entry, so the k-th other neighbour sits at index k.
+        radii[start:start + step] = np.partition(block, k, axis=1)[:, k]
+    return radii
+
+
+def manifold_coverage(manifold: np.ndarray, radii: np.ndarray, queries: np.ndarray) -> float:
+    """Fraction of `queries` inside the union of balls B(manifold_i, sqrt(radii_i))."""
+    m_sq = np.sum(manifold * manifold, axis=1)
+    inside = 0
+    step = _rows_per_block(manifold.shape[0])
+    for start in range(0, queries.shape[0], step):
+        block = _squared_distance_block(queries[start:start + step], manifold, m_sq)
+        inside += int(np.count_nonzero((block <= radii[None, :]).any(axis=1)))
+    return inside / queries.shape[0]
+
+
+def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3) -> PrecisionRecall:
+    """Improved precision and recall (Kynkäänniemi et al., 2019).
+
+    Each set's manifold is the union of balls around its points with radius = distance to the k-th nearest
+    neighbour within the set. precision = fraction of fake points inside the real manifold; recall = fraction
+    of real points inside the fake manifold. Distances are Euclidean, computed in blocks to bound memory.
+    """
+    real = _as_float64("real_features", real_features, 2)
+    fake = _as_float64("fake_features", fake_features, 2)
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature dimensions differ: real {real.shape[1]}, fake {fake.shape[1]}")
+    precision = manifold_coverage(real, knn_radii(real, k), fake)
+    recall = manifold_coverage(fake, knn_radii(fake, k), real)
+    return PrecisionRecall(precision=precision, recall=recall)
+
+
+def class_accuracy(pred_labels: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of samples whose predicted class equals the label they were generated for."""
+    pred = np.asarray(pred_labels)
+    true = np.asarray(labels)
+    if pred.ndim != 1 or true.ndim != 1 or pred.shape != true.shape:
+        raise ValueError(f"pred_labels and labels must be 1-D of equal length, got {pred.shape} and {true.shape}")
+    if pred.size == 0:
+        raise ValueError("class_accuracy needs at least one label")
+    return float(np.mean(pred == true))
