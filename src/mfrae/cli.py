@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _log_to_stderr()
+    args.command_line = ["mfrae", *argv]  # recorded in run directories
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)

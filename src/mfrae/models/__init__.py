@@ -3,6 +3,7 @@
 from mfrae.models.dit_dh import DiTDH, DiTDHConfig
 from mfrae.models.encoders import RepresentationEncoder, build_encoder, register_encoder
 from mfrae.models.rae import RAE, LatentStats
+from mfrae.models.small_encoder import SmallViTEncoder  # registers "small_vit"
 from mfrae.models.vit_decoder import ViTDecoder, ViTDecoderConfig
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "LatentStats",
     "RAE",
     "RepresentationEncoder",
+    "SmallViTEncoder",
     "ViTDecoder",
     "ViTDecoderConfig",
     "build_encoder",

@@ -13,10 +13,12 @@ The encoder is frozen and excluded from `state_dict()`: checkpoints hold the dec
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
-from mfrae.models.encoders import RepresentationEncoder, grid_to_tokens, tokens_to_grid
+from mfrae.models.encoders import IMAGENET_MEAN, IMAGENET_STD, RepresentationEncoder, grid_to_tokens, tokens_to_grid
 from mfrae.models.vit_decoder import ViTDecoder
 
 NOISE_DISTRIBUTIONS = ("uniform", "halfnormal")
@@ -51,16 +53,23 @@ class LatentStats(nn.Module):
 
 
 class RAE(nn.Module):
+    """encoder=None builds a decode-only RAE (sampling needs no encoder weights); the decoder's pixel space is
+    then un-normalised with `image_mean` / `image_std` (ImageNet's, as for DINOv2), otherwise with the encoder's."""
+
     def __init__(
         self,
-        encoder: RepresentationEncoder,
+        encoder: RepresentationEncoder | None,
         decoder: ViTDecoder | None = None,
         stats: LatentStats | None = None,
         noise_tau: float = 0.0,
         noise_dist: str = "uniform",
+        image_mean: tuple[float, ...] = IMAGENET_MEAN,
+        image_std: tuple[float, ...] = IMAGENET_STD,
     ):
         super().__init__()
-        if decoder is not None and decoder.config.encoder_hidden_size != encoder.hidden_size:
+        if encoder is None and decoder is None:
+            raise ValueError("an RAE needs an encoder, a decoder or both")
+        if encoder is not None and decoder is not None and decoder.config.encoder_hidden_size != encoder.hidden_size:
             raise ValueError(
                 f"decoder expects {decoder.config.encoder_hidden_size}-d tokens but the encoder makes {encoder.hidden_size}-d ones"
             )
@@ -68,24 +77,40 @@ class RAE(nn.Module):
             raise ValueError(f"noise_dist must be one of {NOISE_DISTRIBUTIONS}, got {noise_dist!r}")
         if noise_tau < 0:
             raise ValueError(f"noise_tau must be >= 0, got {noise_tau}")
-        latent_shape = (encoder.hidden_size, encoder.grid_size, encoder.grid_size)
-        if stats is not None and stats.shape != latent_shape:
-            raise ValueError(f"latent stats have shape {stats.shape}, the encoder makes latents of shape {latent_shape}")
         self.encoder = encoder
         self.decoder = decoder
         self.stats = stats
+        if stats is not None and encoder is not None and stats.shape != self.latent_shape:
+            raise ValueError(f"latent stats have shape {stats.shape}, the encoder makes latents of shape {self.latent_shape}")
         self.noise_tau = float(noise_tau)
         self.noise_dist = noise_dist
+        if encoder is None:
+            self.register_buffer("image_mean", torch.tensor(image_mean).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("image_std", torch.tensor(image_std).view(1, -1, 1, 1), persistent=False)
+        else:
+            self.image_mean, self.image_std = encoder.image_mean, encoder.image_std
         self._register_state_dict_hook(_drop_encoder_weights)
         self.register_load_state_dict_pre_hook(_keep_encoder_weights)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return (self.encoder.hidden_size, self.encoder.grid_size, self.encoder.grid_size)
+        if self.encoder is not None:
+            return (self.encoder.hidden_size, self.encoder.grid_size, self.encoder.grid_size)
+        if self.stats is not None:
+            return self.stats.shape
+        g = math.isqrt(self.decoder.config.num_patches)
+        return (self.decoder.config.encoder_hidden_size, g, g)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.encoder.train(False)
+        if self.encoder is not None:
+            self.encoder.train(False)
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.encoder is not None:  # keep the aliases of the encoder's buffers after .to()
+            self.image_mean, self.image_std = self.encoder.image_mean, self.encoder.image_std
         return self
 
     def add_noise(self, tokens: Tensor) -> Tensor:
@@ -98,6 +123,8 @@ class RAE(nn.Module):
 
     def encode_tokens(self, images: Tensor) -> Tensor:
         """Raw encoder tokens [B, N, C], noise-augmented in training mode."""
+        if self.encoder is None:
+            raise ValueError("this RAE has no encoder (built for decoding only)")
         with torch.no_grad():
             tokens = self.encoder(images)
         if self.training and self.noise_tau > 0:
@@ -113,12 +140,13 @@ class RAE(nn.Module):
         """Raw tokens [B, N, C] -> images [B, 3, H, W] (about [0, 1]; not clamped)."""
         if self.decoder is None:
             raise ValueError("this RAE has no decoder (built for encoding only)")
-        return self.decoder(tokens) * self.encoder.image_std + self.encoder.image_mean
+        return self.decoder(tokens) * self.image_std + self.image_mean
 
     def decode(self, latents: Tensor) -> Tensor:
         """normalised latents [B, C, g, g] -> images [B, 3, H, W] (about [0, 1]; not clamped)."""
-        if latents.dim() != 4 or tuple(latents.shape[1:2]) != (self.encoder.hidden_size,):
-            raise ValueError(f"RAE.decode expects latents [B, {self.encoder.hidden_size}, g, g], got {tuple(latents.shape)}")
+        channels = self.latent_shape[0]
+        if latents.dim() != 4 or latents.shape[1] != channels:
+            raise ValueError(f"RAE.decode expects latents [B, {channels}, g, g], got {tuple(latents.shape)}")
         z = self.stats.denormalize(latents) if self.stats is not None else latents
         return self.decode_tokens(grid_to_tokens(z))
 
@@ -134,5 +162,7 @@ def _drop_encoder_weights(module, state_dict, prefix, local_metadata):
 
 def _keep_encoder_weights(module, state_dict, prefix, *args):
     # The frozen encoder is never in a checkpoint: keep the loaded weights it already has.
+    if module.encoder is None:
+        return
     for key, value in module.encoder.state_dict(prefix=prefix + "encoder.").items():
         state_dict.setdefault(key, value)

@@ -1,0 +1,91 @@
+"""`mfrae stats`: per-element latent statistics {mean, var} of a dataset under a frozen encoder.
+
+    mean = (1/N) sum_n z_n,     var = (1/N) sum_n (z_n - mean)^2      (population variance, shape [C, g, g])
+
+accumulated exactly in float64 over the whole dataset (and over all processes under torchrun), so the result
+does not depend on batch size or order. (The official script keeps a momentum-0.1 running estimate instead,
+which the RAE authors note differs from run to run.) The file is what `rae.stats` expects.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from mfrae.checkpoint import save_latent_stats
+from mfrae.models.encoders import RepresentationEncoder, tokens_to_grid
+from mfrae.models.rae import LatentStats
+
+STATS_FILE = "stats.safetensors"
+
+
+@torch.no_grad()
+def latent_statistics(
+    encoder: RepresentationEncoder, dataset: Dataset, batch_size: int = 64, device: torch.device | str = "cpu",
+    num_workers: int = 0, rank: int = 0, world_size: int = 1, max_images: int | None = None, progress: bool = False,
+) -> LatentStats:
+    """Exact mean and population variance of the raw encoder latents (rank r handles items r, r + W, ...)."""
+    count = len(dataset) if max_images is None else min(len(dataset), max_images)
+    indices = list(range(rank, count, world_size))
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)
+    encoder = encoder.to(device).eval()
+    sum_z = sum_sq = None
+    seen = torch.zeros((), dtype=torch.float64, device=device)
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc="latent statistics")
+    for images, _ in loader:
+        z = tokens_to_grid(encoder(images.to(device))).double()
+        if sum_z is None:
+            sum_z, sum_sq = torch.zeros_like(z[0]), torch.zeros_like(z[0])
+        sum_z += z.sum(0)
+        sum_sq += z.square().sum(0)
+        seen += z.shape[0]
+    if sum_z is None:
+        raise ValueError("no images to compute statistics from")
+    if world_size > 1:
+        for value in (sum_z, sum_sq, seen):
+            dist.all_reduce(value)
+    mean = sum_z / seen
+    var = (sum_sq / seen - mean.square()).clamp_min(0)
+    return LatentStats(mean.float().cpu(), var.float().cpu())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="preset or YAML file: its `data` and `rae.encoder` are used")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    parser.add_argument("--out", required=True, help=f"output folder (writes {STATS_FILE}) or a .safetensors / .pt file")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-images", type=int, default=None, help="use only the first N images")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mfrae.train.config import load_train_config
+    from mfrae.train.engine import init_distributed, shutdown_distributed
+    from mfrae.train.stages import build_data, build_rae_encoder
+
+    cfg = load_train_config("teacher", args.config, args.set)
+    out = Path(args.out)
+    path = out if out.suffix in (".safetensors", ".pt") else out / STATS_FILE
+    info = init_distributed()
+    try:
+        stats = latent_statistics(
+            build_rae_encoder(cfg), build_data(cfg), args.batch_size, info.device, cfg.data.num_workers,
+            info.rank, info.world_size, args.max_images, progress=info.is_main,
+        )
+    finally:
+        shutdown_distributed()
+    if info.is_main:
+        if path.suffix == ".pt":  # the official stat.pt layout
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(stats.to_dict(), path)
+        else:
+            save_latent_stats(stats, path)
+        print(f"wrote {path}: latent shape {list(stats.shape)}, mean |mu| {stats.mean.abs().mean():.4f}, "
+              f"mean var {stats.var.mean():.4f}")
+    return 0

@@ -1,0 +1,2 @@
+"""Training: one engine (`mfrae.train.engine`) for every stage (`mfrae.train.stages`), configured by
+`mfrae.train.config`."""

@@ -1,0 +1,186 @@
+"""Training configuration: one dataclass tree for every stage, filled from a preset and `--set` overrides.
+
+A preset is a YAML file (bundled ones live in `mfrae/configs/`, named without `.yaml`) of the form
+
+    common:            # sections shared by every stage
+      data: {...}
+      rae: {...}
+    stages:
+      teacher: {...}   # merged over `common` when `mfrae train teacher` runs
+      mfd: {...}
+
+`load_train_config(stage, preset_or_file, overrides)` merges common + stages[stage] + overrides and checks every
+key and value before anything runs. Sections configuring a component with its own constructor (`objective`,
+`model.options`, `data.options`, `rae.encoder.options`) are validated against that constructor when the stage
+is built (`mfrae.train.stages`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from mfrae.config import apply_overrides, deep_merge, from_dict, read_yaml
+from mfrae.errors import ConfigError
+from mfrae.models.encoders import DINOV2_B_REG
+
+STAGES = ("decoder", "teacher", "cmt", "mfd", "mft")
+Stage = Literal["decoder", "teacher", "cmt", "mfd", "mft"]
+
+
+@dataclass
+class DataConfig:
+    """Which dataset (`mfrae.data.build_dataset(kind, **options)`) and how to load it."""
+
+    kind: str = "folder"  # digits | folder | latents (a cache made by `mfrae cache`)
+    options: dict = field(default_factory=dict)  # the dataset's constructor options (root, image_size, ...)
+    num_workers: int = 4
+    pin_memory: bool = True
+    prefetch_factor: int = 2
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "dinov2"  # registered encoder (mfrae.models.encoders)
+    options: dict = field(default_factory=lambda: {"path": DINOV2_B_REG, "input_size": 224})
+
+
+@dataclass
+class RAEConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: str | None = None  # trained decoder: our run dir / file, or a released model.pt
+    stats: str | None = None  # latent statistics: stat.pt, our stats file, or a run dir of `mfrae stats`
+    noise_tau: float = 0.8  # decoder training only
+    noise_dist: Literal["uniform", "halfnormal"] = "uniform"
+
+
+@dataclass
+class ModelConfig:
+    """The trained network: DiT^DH (latent stages) or ViT decoder (decoder stage)."""
+
+    preset: str | None = "XL"  # size name (S/B/L/XL); None: everything from `options`
+    options: dict = field(default_factory=dict)  # DiTDHConfig / ViTDecoderConfig fields overriding the preset
+    init: str | None = None  # start from these weights (ours or released; a teacher initialises a student)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up and a constant / linear / cosine schedule.
+
+    lr(step) rises linearly from 0 over `warmup_steps`, stays at `lr` until `decay_start`, then decays
+    (linear or cosine) to `final_lr` at `decay_end` (default: the last step) and stays there.
+    """
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    decay_start: int = 0
+    decay_end: int | None = None
+    final_lr: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 1000
+    global_batch: int = 256  # samples per optimizer step over all processes
+    micro_batch: int | None = None  # per process and forward; None = global_batch / world size
+    ema_decay: float = 0.9999
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast applies on CUDA only
+    compile: bool = False
+    grad_checkpointing: bool = False
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_last: int = 2
+    sample_every: int = 0  # sample grid from fixed noise every N steps (0: only at the end)
+    sample_count: int = 16
+    sample_steps: int = 0  # teacher previews: ODE steps (0: 50); MeanFlow previews always use 1 step
+    max_grad_norm: float = 1e4  # a larger pre-clip gradient norm stops the run as diverged
+    fail_on_bad_images: bool = False
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    stage: Stage
+    data: DataConfig = field(default_factory=DataConfig)
+    rae: RAEConfig = field(default_factory=RAEConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: str | None = None  # frozen flow-matching teacher (cmt, mfd; optional for mft)
+    objective: dict = field(default_factory=dict)  # options of the stage's objective
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+    def __post_init__(self):
+        if self.stage in ("cmt", "mfd") and not self.teacher:
+            raise ConfigError(f"stage {self.stage} distils a teacher: set `teacher` (a checkpoint or run directory)")
+        loop = self.train
+        for name in ("steps", "global_batch", "log_every", "ckpt_every", "keep_last", "sample_count"):
+            if getattr(loop, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(loop, name)}")
+        if loop.micro_batch is not None and loop.micro_batch < 1:
+            raise ConfigError(f"train.micro_batch must be >= 1, got {loop.micro_batch}")
+        if not 0.0 <= loop.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {loop.ema_decay}")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        if self.optim.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0, got {self.optim.grad_clip}")
+
+
+#################################################################################
+#                                   Presets                                     #
+#################################################################################
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("mfrae.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def read_preset(name_or_path: str) -> tuple[dict, str]:
+    """(mapping, where it came from) for a bundled preset name or a YAML file path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return read_yaml(path), str(path)
+    bundled = resources.files("mfrae.configs") / f"{name_or_path}.yaml"
+    if not bundled.is_file():
+        raise ConfigError(f"no config file or preset named {name_or_path!r}; presets: {', '.join(preset_names())}")
+    return read_yaml(Path(str(bundled))), f"preset {name_or_path}"
+
+
+def stage_mapping(stage: str, preset: dict, source: str) -> dict:
+    """common + stages[stage] of a preset (a file without those keys is one stage's config as is)."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    if "common" not in preset and "stages" not in preset:
+        return preset
+    unknown = sorted(set(preset) - {"common", "stages"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key {unknown[0]!r} (a preset holds `common` and `stages`)")
+    stages = preset.get("stages") or {}
+    bad = sorted(set(stages) - set(STAGES))
+    if bad:
+        raise ConfigError(f"{source}: unknown stage {bad[0]!r} under `stages`")
+    return deep_merge(preset.get("common") or {}, stages.get(stage) or {})
+
+
+def load_train_config(stage: str, config: str, overrides: list[str] | None = None) -> TrainConfig:
+    """The fully checked config of `stage` from a preset / file and `key=value` overrides."""
+    preset, source = read_preset(config)
+    data = stage_mapping(stage, preset, source)
+    data = apply_overrides(data, list(overrides or []))
+    data.pop("stage", None)
+    from mfrae.train.stages import check_stage_options  # component options are checked against their code
+
+    try:
+        cfg = from_dict(TrainConfig, {"stage": stage, **data})
+        check_stage_options(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return cfg
