@@ -291,3 +291,17 @@ def test_ema_matches_closed_form():
         ema.update(0.9)
     # p_ema after 3 updates toward a constant 1: 1 + 0.9^3 (start - 1)
     assert torch.allclose(ema.model.weight, 1 + 0.9**3 * (start - 1), atol=1e-6)
+
+
+def test_training_from_a_latent_cache(tmp_path, pipeline):
+    encoder = TINY[0]
+    assert main(["cache", "--config", "digits", "--out", str(tmp_path / "cache"), "--shard-size", "600", *sets(encoder)]) == 0
+    run = tmp_path / "run"
+    argv = ["train", "teacher", "--config", "digits", "--out", str(run),
+            *sets(*TINY, "data.kind=latents", f"data.options={{cache_dir: {tmp_path / 'cache'}}}",
+                  f"rae.stats={pipeline['stats']}", "rae.decoder=null", "train.steps=2")]
+    assert main(argv) == 0
+    assert len(losses(run)) == 2
+    # a cache made by another encoder is refused
+    other = [a.replace("depth: 1", "depth: 2") for a in argv]
+    assert main([*other[:5], str(tmp_path / "other"), *other[6:]]) == 2

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flops": ("mfrae.flops", "per-image GMACs / GFLOPs and parameter counts of a preset"),
     "toy": ("mfrae.flow.toy", "train FM / CMT / MFD / MFT on a 2-D Gaussian mixture with a closed-form flow"),
     "train": ("mfrae.train.cli", "train one stage: decoder, teacher, cmt, mfd or mft"),
+    "cache": ("mfrae.cache", "encode a dataset once into latent shards to train from"),
     "stats": ("mfrae.stats", "compute the latent mean / variance file of a dataset and encoder"),
     "sample": ("mfrae.sample", "generate images with a teacher (ODE) or MeanFlow (1, 2 or N jumps) checkpoint"),
 }

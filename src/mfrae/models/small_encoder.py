@@ -10,6 +10,7 @@ one, from a seeded random initialisation (a fixed random-feature encoder).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -107,7 +108,12 @@ class SmallViTEncoder(RepresentationEncoder):
         self._freeze()
 
     def fingerprint(self) -> str:
-        return f"small_vit:{Path(self.path).name if self.path else 'random'}"
+        """A digest of the weights: two encoders share a fingerprint only if they compute the same function."""
+        digest = hashlib.sha1()
+        for name, tensor in sorted(self.network.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return f"small_vit:{digest.hexdigest()[:16]}"
 
     def features(self, pixels: Tensor) -> Tensor:
         return self.network(pixels)

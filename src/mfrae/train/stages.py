@@ -87,12 +87,21 @@ def _to_device(batch, device: torch.device) -> tuple[Tensor, Tensor]:
 
 def latent_inputs(cfg: TrainConfig, rae: RAE) -> tuple[Dataset, Callable, tuple[int, int, int]]:
     """Dataset, batch -> (latents, labels), and the latent shape: encoded on the fly or read from a cache."""
-    dataset = build_data(cfg)
     if cfg.data.kind == "latents":
+        # The cache holds raw encoder latents: it must come from this encoder, and is normalised here.
+        cfg.data.options.setdefault("expected_fingerprint", rae.encoder.fingerprint())
+        dataset = build_data(cfg)
         shape = tuple(dataset[0][0].shape)
         if shape != rae.latent_shape:
             raise ConfigError(f"latent cache holds {shape} latents, the configured RAE makes {rae.latent_shape}")
-        return dataset, _to_device, shape
+
+        def prepare_cached(batch, device):
+            latents, labels = _to_device(batch, device)
+            return rae.stats.normalize(latents.float()), labels
+
+        return dataset, prepare_cached, shape
+
+    dataset = build_data(cfg)
 
     @torch.no_grad()
     def prepare(batch, device):
