@@ -1,0 +1,636 @@
+"""Training objectives: flow matching (teacher), CMT (consistency mid-training) and MeanFlow (MFD / MFT and
+everything between, with the optional 2511.19065 schedule).
+
+Every objective is a small callable with one interface (EDM style):
+
+    loss = objective(net, x, y, step)     # per-sample losses, shape [B] ([P] pairs for CMT)
+    loss.mean().backward()
+
+`net` is the model being trained: a velocity model `net(z, t, y)` for flow matching, an average-velocity
+model `net(z, t, y, r=r)` otherwise (r omitted means r = t). Frozen models (the teacher) are attributes of
+the objective, set at construction and always called under no_grad in eval mode; a teacher may also be a
+plain function `teacher(z, t, y) -> v` (the toy's closed-form velocity). All randomness comes from
+torch's global RNG. Label dropout to `net.null_class` happens once per sample: every network call
+made for a sample (prediction, stencil, teacher) sees the same label.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mfrae.flow.paths import PairSampler, TimeDistribution, broadcast_time, conditional_velocity, interpolate
+from mfrae.flow.samplers import ODE_METHODS, ode_grid, ode_sample
+
+Model = Callable[..., Tensor]
+
+Derivative = Literal["finite_difference", "jvp", "finite_difference_fused"]
+DERIVATIVES: tuple[str, ...] = ("finite_difference", "jvp", "finite_difference_fused")
+REDUCTIONS: tuple[str, ...] = ("mean", "sum")
+
+
+#################################################################################
+#                                   Helpers                                     #
+#################################################################################
+
+
+def null_class_of(net: Model) -> int:
+    null = getattr(net, "null_class", None)
+    if null is None:
+        raise ValueError(f"{type(net).__name__} has no `null_class` attribute (needed for label dropout / guidance)")
+    return int(null)
+
+
+def drop_labels(y: Tensor, prob: float, null_class: int) -> Tensor:
+    """Replace each label by `null_class` independently with probability `prob` (one draw per sample)."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"label dropout probability must be in [0, 1], got {prob!r}")
+    if prob == 0.0:
+        return y
+    drop = torch.rand(y.shape[0], device=y.device) < prob
+    return torch.where(drop, torch.full_like(y, null_class), y)
+
+
+def per_sample(sq_error: Tensor, reduction: str) -> Tensor:
+    """Reduce an elementwise squared error [B, ...] to per-sample values [B] by sum or mean over the rest."""
+    if reduction == "sum":
+        return sq_error.flatten(1).sum(1)
+    if reduction == "mean":
+        return sq_error.flatten(1).mean(1)
+    raise ValueError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
+
+
+def adaptive_weighting(sq_error: Tensor, p: float = 1.0, c: float = 1e-2, squared: bool = False) -> Tensor:
+    """MeanFlow adaptive loss on per-sample squared errors L (meanflow_spec 2.4):
+
+        paper / default:       L / sg(L + c)^p               (gradient ~ grad L / L for p = 1)
+        squared=True (QUIRK):  L^2 / (sg(L)^2 + c)^p          (official MF-RAE; use c = 1e-3 for parity)
+
+    p = 0 returns L unchanged.
+    """
+    if p < 0 or c < 0:
+        raise ValueError(f"adaptive weighting needs p >= 0 and c >= 0, got p={p!r}, c={c!r}")
+    if p == 0:
+        return sq_error
+    if squared:
+        return sq_error.square() / (sq_error.detach().square() + c).pow(p)
+    return sq_error / (sq_error.detach() + c).pow(p)
+
+
+def _check_batch(x: Tensor, y: Tensor) -> None:
+    if x.dim() < 2:
+        raise ValueError(f"x must be a batch [B, ...] with at least 2 dims, got shape {tuple(x.shape)}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"labels must have shape [{x.shape[0]}], got {tuple(y.shape)}")
+
+
+def _check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
+    return reduction
+
+
+@contextlib.contextmanager
+def _eval_mode(module: Model) -> Iterator[None]:
+    """Temporarily put an nn.Module in eval mode (no-op for plain functions)."""
+    if not isinstance(module, nn.Module) or not module.training:
+        yield
+        return
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train()
+
+
+def _frozen(model: Model | None) -> Model | None:
+    if isinstance(model, nn.Module):
+        model.eval()
+    return model
+
+
+def _call_frozen(model: Model, *args, **kwargs) -> Tensor:
+    """Frozen-model call: no autograd, eval mode."""
+    with torch.no_grad(), _eval_mode(model):
+        return model(*args, **kwargs)
+
+
+def _math_attention():
+    """JVP needs forward-mode AD, which the fused SDPA kernels (CPU flash, CUDA flash / mem-efficient)
+    do not implement; the math backend is plain differentiable ops."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+#################################################################################
+#                         MeanFlow total time derivative                        #
+#################################################################################
+
+
+def finite_difference_derivative(
+    net: Model, z: Tensor, t: Tensor, r: Tensor, y: Tensor, direction: Tensor, step: float = 5e-3
+) -> Tensor:
+    """Central difference of u along (dz, dt, dr) = (direction, 1, 0), without autograd (meanflow_spec 4.4):
+
+        du/dt ~ [u(z + d v, r, t + d) - u(z - d v, r, t - d)] / (2 d),   d = step.
+
+    Both perturbed evaluations run as one no-grad batch, so they store no activations. Times are not
+    clamped (t + d may exceed 1), as in the official code.
+    """
+    if not step > 0:
+        raise ValueError(f"finite-difference step must be > 0, got {step!r}")
+    n = z.shape[0]
+    with torch.no_grad():
+        dz = step * direction
+        u_pm = net(torch.cat([z + dz, z - dz]), torch.cat([t + step, t - step]), torch.cat([y, y]),
+                   r=torch.cat([r, r]))
+        u_plus, u_minus = u_pm[:n], u_pm[n:]
+        return (u_plus - u_minus) / (2 * step)
+
+
+def jvp_with_primal(net: Model, z: Tensor, t: Tensor, r: Tensor, y: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
+    """(u, du/dt) by forward-mode AD: torch.func.jvp of (z, t, r) -> u(z, r, t) with tangent (direction, 1, 0).
+
+    u keeps its autograd graph (it is the prediction the loss trains); du/dt is returned detached. The
+    math attention backend is used inside the JVP (see `_math_attention`).
+    """
+
+    def u_fn(z_: Tensor, t_: Tensor, r_: Tensor) -> Tensor:
+        return net(z_, t_, y, r=r_)
+
+    tangents = (direction.to(z.dtype), torch.ones_like(t), torch.zeros_like(r))
+    with _math_attention():
+        u, dudt = torch.func.jvp(u_fn, (z, t, r), tangents)
+    return u, dudt.detach()
+
+
+def meanflow_time_derivative(
+    net: Model,
+    z: Tensor,
+    t: Tensor,
+    r: Tensor,
+    y: Tensor,
+    direction: Tensor,
+    method: Literal["finite_difference", "jvp"] = "finite_difference",
+    fd_step: float = 5e-3,
+) -> Tensor:
+    """Total derivative d/dt u(z_t, r, t) = (d_z u) . direction + d_t u with r fixed (meanflow_spec 0), no grad."""
+    if method == "finite_difference":
+        return finite_difference_derivative(net, z, t, r, y, direction, fd_step)
+    if method == "jvp":
+        with torch.no_grad():
+            return jvp_with_primal(net, z, t, r, y, direction)[1]
+    raise ValueError(f"unknown derivative method {method!r}; choose 'finite_difference' or 'jvp'")
+
+
+#################################################################################
+#                               Flow matching                                   #
+#################################################################################
+
+
+class FlowMatchingLoss:
+    """Flow matching, the teacher objective (rae_spec 8.1):
+
+        L_FM = E_{t, x, e} (1/D) || v_theta(z_t, t, y) - (e - x) ||^2,   z_t = (1 - t) x + t e,
+        t = shift_a(t0), t0 ~ `time`.
+
+    The minimiser is the marginal velocity v(z, t) = E[e - x | z_t = z]. Labels are dropped to the null
+    class with probability `label_dropout`. Returns per-sample losses [B]: mean over the D latent
+    elements (as the RAE code), or the sum with reduction="sum".
+    """
+
+    def __init__(
+        self,
+        *,
+        time: TimeDistribution = TimeDistribution.logit_normal(0.0, 1.0, 0.0, 0.999),
+        shift: float = 1.0,
+        label_dropout: float = 0.1,
+        reduction: Literal["mean", "sum"] = "mean",
+    ):
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift!r}")
+        if not 0.0 <= label_dropout <= 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout!r}")
+        self.time = time
+        self.shift = float(shift)
+        self.label_dropout = float(label_dropout)
+        self.reduction = _check_reduction(reduction)
+
+    def __call__(self, net: Model, x: Tensor, y: Tensor, step: int = 0) -> Tensor:
+        _check_batch(x, y)
+        y = drop_labels(y, self.label_dropout, null_class_of(net)) if self.label_dropout else y
+        t = self.time.sample(x.shape[0], self.shift, x.device)
+        noise = torch.randn_like(x)
+        v_pred = net(interpolate(x, noise, t), t, y)
+        return per_sample((v_pred - conditional_velocity(x, noise)).square(), self.reduction)
+
+
+#################################################################################
+#                       CMT: consistency mid-training                           #
+#################################################################################
+
+
+@dataclass
+class TrajectoryPairs:
+    """Training pairs cut from solver trajectories: predict u(z, r, t) ~ target."""
+
+    z: Tensor  # [P, ...] state at time t
+    t: Tensor  # [P] float32
+    r: Tensor  # [P] float32, r < t
+    y: Tensor  # [P]
+    target: Tensor  # [P, ...] (z_t - z_r) / (t - r)
+
+
+def trajectory_pairs(states: Tensor, times: Tensor, y: Tensor, num_pairs: int) -> TrajectoryPairs:
+    """Draw `num_pairs` pairs uniformly, with replacement, from all (trajectory b, i < j) with
+    states [K, B, ...] at strictly decreasing `times` [K]:
+
+        z = states[i, b],   t = times[i],   r = times[j],   target = (states[i, b] - states[j, b]) / (t - r).
+
+    (K (K - 1) / 2 pairs per trajectory, 120 for K = 16.)
+    """
+    times = torch.as_tensor(times, dtype=torch.float64)
+    if states.dim() < 3 or times.shape != (states.shape[0],):
+        raise ValueError(
+            f"states must be [K, B, ...] with times [K]; got {tuple(states.shape)} and {tuple(times.shape)}")
+    if not bool(torch.all(times[1:] < times[:-1])):
+        raise ValueError(f"trajectory times must be strictly decreasing, got {times.tolist()}")
+    if num_pairs < 1:
+        raise ValueError(f"num_pairs must be >= 1, got {num_pairs!r}")
+    K, B = states.shape[0], states.shape[1]
+    if y.shape != (B,):
+        raise ValueError(f"labels must have shape [{B}], got {tuple(y.shape)}")
+    src, dst = torch.triu_indices(K, K, offset=1, device=states.device)  # src < dst: src is the noisier state
+    pool = torch.randint(0, B * src.numel(), (num_pairs,), device=states.device)
+    b, k = pool // src.numel(), pool % src.numel()
+    i, j = src[k], dst[k]
+    times = times.to(states.device)
+    t64, r64 = times[i], times[j]
+    z_i, z_j = states[i, b], states[j, b]
+    target = (z_i - z_j) / broadcast_time((t64 - r64).to(states.dtype), z_i)
+    return TrajectoryPairs(z=z_i, t=t64.float(), r=r64.float(), y=y[b], target=target)
+
+
+class CMTLoss:
+    """Consistency mid-training for flow maps (CMT-MF, arXiv 2509.24526; MF-RAE recipe, meanflow_spec 3.2, 4.6):
+
+        L = E_{i < j} E_{e} || u_theta(z_i, r = t_j, t = t_i) - (z_i - z_j) / (t_i - t_j) ||^2
+
+    where z_0 = e ~ N(0, I), z_1, ..., z_{K-1} is the frozen teacher's solver trajectory on the grid
+    t_k = shift_a(1 - (1 - t_end) k / (K - 1)) (K = `grid_points` = 16 states, i.e. 15 Euler teacher
+    calls, as the official "16-step" Euler config). Data x is used only for its shape and labels.
+    Each step draws `pairs_per_trajectory` x B pairs uniformly with replacement from all
+    B K (K - 1) / 2 pairs. Per-pair loss: mean (default, official) or sum of squares; no adaptive weight.
+
+    time_labels="shifted" (default) labels each state with its real (shifted) time, the coordinates
+    MFD / MFT train on. time_labels="nominal" reproduces the official QUIRK: state k is labelled
+    1 - k / (K - 1) and the target divided by that nominal gap.
+    """
+
+    def __init__(
+        self,
+        teacher: Model,
+        *,
+        grid_points: int = 16,
+        shift: float = 1.0,
+        t_end: float = 0.001,
+        solver: Literal["euler", "heun"] = "euler",
+        pairs_per_trajectory: int = 64,
+        time_labels: Literal["shifted", "nominal"] = "shifted",
+        label_dropout: float = 0.1,
+        reduction: Literal["mean", "sum"] = "mean",
+    ):
+        if teacher is None:
+            raise ValueError("CMT needs a frozen velocity teacher")
+        if grid_points < 2:
+            raise ValueError(f"grid_points must be >= 2, got {grid_points!r}")
+        if solver not in ODE_METHODS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {ODE_METHODS}")
+        if pairs_per_trajectory < 1:
+            raise ValueError(f"pairs_per_trajectory must be >= 1, got {pairs_per_trajectory!r}")
+        if time_labels not in ("shifted", "nominal"):
+            raise ValueError(f"time_labels must be 'shifted' or 'nominal', got {time_labels!r}")
+        if not 0.0 <= label_dropout <= 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout!r}")
+        self.teacher = _frozen(teacher)
+        self.grid = ode_grid(grid_points, shift, t_end)
+        nominal = torch.linspace(1.0, 0.0, grid_points, dtype=torch.float64)
+        self.label_times = self.grid if time_labels == "shifted" else nominal
+        self.solver = solver
+        self.pairs_per_trajectory = int(pairs_per_trajectory)
+        self.time_labels = time_labels
+        self.label_dropout = float(label_dropout)
+        self.reduction = _check_reduction(reduction)
+
+    def trajectory(self, noise: Tensor, y: Tensor) -> Tensor:
+        """Teacher solver states [K, B, ...] on `self.grid`, starting from `noise` at t = 1."""
+        _, states = ode_sample(lambda z, t: _call_frozen(self.teacher, z, t, y), noise, self.grid, self.solver,
+                               return_trajectory=True)
+        return states
+
+    def pairs(self, net: Model, x: Tensor, y: Tensor) -> TrajectoryPairs:
+        """Label dropout, fresh noise, teacher trajectories and the drawn training pairs for one step."""
+        _check_batch(x, y)
+        y = drop_labels(y, self.label_dropout, null_class_of(net)) if self.label_dropout else y
+        states = self.trajectory(torch.randn_like(x), y)
+        return trajectory_pairs(states, self.label_times, y, self.pairs_per_trajectory * x.shape[0])
+
+    def __call__(self, net: Model, x: Tensor, y: Tensor, step: int = 0) -> Tensor:
+        p = self.pairs(net, x, y)
+        u = net(p.z, p.t, p.y, r=p.r)
+        return per_sample((u - p.target).square(), self.reduction)
+
+
+#################################################################################
+#                                   MeanFlow                                    #
+#################################################################################
+
+
+@dataclass(frozen=True)
+class TrainingGuidance:
+    """Guidance baked into the MeanFlow target (meanflow_spec 2.3). For t in [t_min, t_max] and rows that
+    keep their label:
+
+        v_tilde = omega w + kappa u(z_t, t, t | y) + (1 - omega - kappa) u(z_t, t, t | null),
+
+    elsewhere v_tilde = w. The effective CFG scale is omega / (1 - kappa). The two extra calls run without
+    grad in eval mode, on the student itself (source="student", the MeanFlow recipe) or on the frozen
+    teacher (source="teacher", guidance distilled from the teacher).
+    """
+
+    omega: float = 1.0
+    kappa: float = 0.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+    source: Literal["student", "teacher"] = "student"
+
+    def __post_init__(self):
+        if not self.t_min <= self.t_max:
+            raise ValueError(f"guidance interval must satisfy t_min <= t_max, got [{self.t_min}, {self.t_max}]")
+        if not 0.0 <= self.kappa < 1.0:
+            raise ValueError(f"guidance kappa must be in [0, 1), got {self.kappa!r}")
+        if self.source not in ("student", "teacher"):
+            raise ValueError(f"guidance source must be 'student' or 'teacher', got {self.source!r}")
+
+
+@dataclass(frozen=True)
+class ImprovedSchedule:
+    """The 2511.19065 weights, applied after the adaptive normalisation (meanflow_spec 1.3-1.5):
+
+        r != t rows:  beta(dt, s) = (1 - s) + lambda s (1 - dt),   dt = t - r,   s = 1 - (step / total_steps)^k
+        r  = t rows:  alpha(t)
+
+    lambda = 1 / E[1 - dt] over the configured pair distribution (computed, not configured), so the mean
+    of beta over r != t rows is 1 at s = 1; at step >= total_steps every beta is 1.
+
+    alpha="min_snr" (our choice; the paper's exact form is unconfirmed): MinSNR-gamma turned into a
+    weight on the velocity loss. On the linear path SNR(t) = ((1 - t) / t)^2 and ||x_hat - x|| = t ||v_hat - v||,
+    so MinSNR's x-space weight min(SNR, gamma) is the v-space weight min(SNR, gamma) t^2. We evaluate SNR
+    resolution-adjusted, a^2 SNR(t) (a = the objective's shift factor; this is the SNR of the unshifted time,
+    since (1 - shift_a(t)) / shift_a(t) = (1 - t) / (a t)), which gives
+
+        alpha(t) = min(a^2 (1 - t)^2, gamma t^2) / C,   C = E[min(a^2 (1 - t)^2, gamma t^2)] over the r = t rows,
+
+    gamma = 5 (MinSNR's default), C by quadrature over the configured (shifted) distribution of t = max of
+    the two draws, so alpha averages to 1 and the balance between r = t and r != t rows is unchanged.
+    (Without the a^2 a shifted schedule would put nearly all r = t rows near zero weight: max alpha ~ 20 at
+    a = sqrt(48); with it max alpha ~ 3.) alpha="none" gives alpha = 1 (the paper's DTD variant, Eq. 9).
+    """
+
+    total_steps: int
+    k: float = 1.0
+    alpha: Literal["none", "min_snr"] = "min_snr"
+    gamma: float = 5.0
+    lambda_method: Literal["quadrature", "monte_carlo"] = "quadrature"
+
+    def __post_init__(self):
+        if int(self.total_steps) < 1:
+            raise ValueError(f"ImprovedSchedule.total_steps must be >= 1, got {self.total_steps!r}")
+        if not self.k > 0:
+            raise ValueError(f"ImprovedSchedule.k must be > 0, got {self.k!r}")
+        if self.alpha not in ("none", "min_snr"):
+            raise ValueError(f"ImprovedSchedule.alpha must be 'none' or 'min_snr', got {self.alpha!r}")
+        if not self.gamma > 0:
+            raise ValueError(f"ImprovedSchedule.gamma must be > 0, got {self.gamma!r}")
+        if self.lambda_method not in ("quadrature", "monte_carlo"):
+            raise ValueError(
+                f"ImprovedSchedule.lambda_method must be 'quadrature' or 'monte_carlo', got {self.lambda_method!r}")
+
+    def progress(self, step: int) -> float:
+        """s = 1 - (step / total_steps)^k, with step clamped to [0, total_steps]: 1 at the start, 0 at the end."""
+        frac = min(max(float(step), 0.0), float(self.total_steps)) / float(self.total_steps)
+        return 1.0 - frac**self.k
+
+
+def progressive_gap_weight(gap: Tensor, s: float, lam: float) -> Tensor:
+    """beta(dt, s) = (1 - s) + lambda s (1 - dt)."""
+    return (1.0 - s) + lam * s * (1.0 - gap)
+
+
+def min_snr_velocity_weight(t: Tensor | np.ndarray, gamma: float = 5.0, shift: float = 1.0):
+    """Unnormalised MinSNR-gamma weight of a velocity loss on the linear path, with the SNR of the unshifted
+    time: min(a^2 (1 - t)^2, gamma t^2), a = shift (see ImprovedSchedule)."""
+    if isinstance(t, np.ndarray):
+        return np.minimum(shift**2 * (1.0 - t) ** 2, gamma * t**2)
+    return torch.minimum(shift**2 * (1.0 - t).square(), gamma * t.square())
+
+
+class MeanFlowLoss:
+    """MeanFlow objective, generalised (MF-RAE, arXiv 2511.13019, Prop. 3.1; MeanFlow arXiv 2505.13447):
+
+        w      = (1 - lam) (e - x) + lam v_teacher(z_t, t, y)       lam = 1: MFD, lam = 0: MFT / MeanFlow
+        u_tgt  = sg( w - (t - r) du_theta(z_t, r, t)/dt ),           du/dt along (dz, dt, dr) = (w, 1, 0)
+        L_i    = || u_theta(z_t, r, t, y) - u_tgt ||^2   (sum over latent elements)
+        loss_i = L_i / sg(L_i + c)^p                                  (adaptive weight; `adaptive_squared` = QUIRK)
+
+    with (t, r) from `PairSampler(time, shift, fraction_r_neq_t)` and z_t = (1 - t) x + t e. The MeanFlow
+    identity u = v - (t - r) du/dt makes the true average velocity a fixed point when w is the true
+    marginal velocity. Rows with r = t skip the derivative: their target is w exactly.
+
+    derivative:
+      "finite_difference" (default, MF-RAE): central difference with step `fd_step` on the r != t rows;
+          the two perturbed evaluations run without autograd.
+      "jvp": exact forward-mode torch.func.jvp on the r != t rows (its primal is the trained prediction);
+          the r = t rows take a plain forward.
+      "finite_difference_fused": the official layout, one autograd forward of the 3B batch
+          [z, z + d w, z - d w] (same numbers as "finite_difference", more time and memory; for benchmarks).
+
+    Label dropout (prob `label_dropout`) happens once per sample, before everything; the teacher and all
+    stencil / guidance calls see the dropped label. `guidance` adds the CFG-in-training target
+    (TrainingGuidance); `schedule` the 2511.19065 weights (ImprovedSchedule), applied after the adaptive
+    normalisation. Returns per-sample losses [B].
+
+    Caveat (measured on the 2-D toy): with a noisy target (lam < 1) and p > 0, the adaptive weight turns the
+    regression into a residual-weighted one whose minimiser is not the conditional mean. In 2-D that bias
+    ruins MFT (the toy uses p = 0 for MFT); with L summed over ~2e5 latent elements it is mild.
+    """
+
+    def __init__(
+        self,
+        teacher: Model | None = None,
+        *,
+        teacher_weight: float | None = None,
+        time: TimeDistribution = TimeDistribution.logit_normal(-0.4, 1.0),
+        shift: float = 1.0,
+        fraction_r_neq_t: float = 0.25,
+        derivative: Derivative = "finite_difference",
+        fd_step: float = 5e-3,
+        adaptive_p: float = 1.0,
+        adaptive_c: float = 1e-2,
+        adaptive_squared: bool = False,
+        label_dropout: float = 0.1,
+        guidance: TrainingGuidance | None = None,
+        schedule: ImprovedSchedule | None = None,
+    ):
+        lam = (1.0 if teacher is not None else 0.0) if teacher_weight is None else float(teacher_weight)
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"teacher_weight (lambda) must be in [0, 1], got {teacher_weight!r}")
+        if lam > 0 and teacher is None:
+            raise ValueError(f"teacher_weight={lam} mixes in a teacher velocity, but no teacher was given")
+        if derivative not in DERIVATIVES:
+            raise ValueError(f"unknown derivative {derivative!r}; choose one of {DERIVATIVES}")
+        if not fd_step > 0:
+            raise ValueError(f"fd_step must be > 0, got {fd_step!r}")
+        if adaptive_p < 0 or adaptive_c < 0:
+            raise ValueError(f"adaptive_p and adaptive_c must be >= 0, got {adaptive_p!r}, {adaptive_c!r}")
+        if not 0.0 <= label_dropout <= 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout!r}")
+        if guidance is not None and guidance.source == "teacher" and teacher is None:
+            raise ValueError("guidance source 'teacher' needs a teacher")
+        self.teacher = _frozen(teacher)
+        self.teacher_weight = lam
+        self.pairs = PairSampler(time, float(shift), float(fraction_r_neq_t))
+        self.derivative = derivative
+        self.fd_step = float(fd_step)
+        self.adaptive_p = float(adaptive_p)
+        self.adaptive_c = float(adaptive_c)
+        self.adaptive_squared = bool(adaptive_squared)
+        self.label_dropout = float(label_dropout)
+        self.guidance = guidance
+        self.schedule = schedule
+        self.gap_lambda = 1.0
+        self.alpha_norm = 1.0
+        if schedule is not None:
+            self.gap_lambda = 1.0 / (1.0 - self.pairs.expected_gap(schedule.lambda_method))
+            if schedule.alpha == "min_snr":
+                self.alpha_norm = self.pairs.mean_over_r_equal_t_rows(
+                    lambda t: min_snr_velocity_weight(t, schedule.gamma, self.pairs.shift))
+
+    # -- pieces (public so tests and callers can check each equation) ---------------------------
+
+    def mixed_velocity(self, x: Tensor, noise: Tensor, z: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """w = (1 - lam) (e - x) + lam v_teacher(z_t, t, y)."""
+        one_point = conditional_velocity(x, noise)
+        if self.teacher_weight == 0.0:
+            return one_point
+        v_teacher = _call_frozen(self.teacher, z, t, y).to(z.dtype)
+        if self.teacher_weight == 1.0:
+            return v_teacher
+        return (1.0 - self.teacher_weight) * one_point + self.teacher_weight * v_teacher
+
+    def guided_velocity(self, net: Model, w: Tensor, z: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """v_tilde of TrainingGuidance on rows with t in the interval and a real label; w elsewhere."""
+        g = self.guidance
+        if g is None:
+            return w
+        null = null_class_of(net)
+        active = (t >= g.t_min) & (t <= g.t_max) & (y != null)
+        if not bool(active.any()):
+            return w
+        source = net if g.source == "student" else self.teacher
+        n = z.shape[0]
+        both = _call_frozen(source, torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
+        u_cond, u_null = both[:n].to(w.dtype), both[n:].to(w.dtype)
+        guided = g.omega * w + g.kappa * u_cond + (1.0 - g.omega - g.kappa) * u_null
+        return torch.where(broadcast_time(active, w).bool(), guided, w)
+
+    def prediction_and_target(
+        self, net: Model, z: Tensor, t: Tensor, r: Tensor, y: Tensor, v: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """(u_theta(z, r, t, y) with grad, u_tgt = sg(v - (t - r) du/dt)); r = t rows get u_tgt = v exactly."""
+        gap = r != t
+        if self.derivative == "finite_difference_fused":
+            d = self.fd_step
+            u_all = net(torch.cat([z, z + d * v, z - d * v]), torch.cat([t, t + d, t - d]), torch.cat([y, y, y]),
+                        r=torch.cat([r, r, r]))
+            u, u_plus, u_minus = u_all.chunk(3)
+            dudt = ((u_plus - u_minus) / (2 * d)).detach()
+            target = torch.where(broadcast_time(gap, v).bool(), v - broadcast_time(t - r, v) * dudt, v)
+            return u, target.detach()
+
+        idx_gap = gap.nonzero().squeeze(1)
+        target = v.detach().clone()
+        if self.derivative == "finite_difference" or idx_gap.numel() == 0:
+            u = net(z, t, y, r=r)
+            if idx_gap.numel():
+                dudt = finite_difference_derivative(net, z[idx_gap], t[idx_gap], r[idx_gap], y[idx_gap],
+                                                    v[idx_gap], self.fd_step)
+                target[idx_gap] = v[idx_gap] - broadcast_time((t - r)[idx_gap], dudt) * dudt
+            return u, target.detach()
+
+        # JVP: exact derivative on the r != t rows (its primal is their prediction), plain forward on the rest.
+        idx_eq = (~gap).nonzero().squeeze(1)
+        u_gap, dudt = jvp_with_primal(net, z[idx_gap], t[idx_gap], r[idx_gap], y[idx_gap], v[idx_gap])
+        target[idx_gap] = v[idx_gap] - broadcast_time((t - r)[idx_gap], dudt) * dudt
+        if idx_eq.numel() == 0:
+            return u_gap, target.detach()
+        u_eq = net(z[idx_eq], t[idx_eq], y[idx_eq], r=r[idx_eq])
+        order = torch.cat([idx_gap, idx_eq])
+        u = torch.cat([u_gap, u_eq])[torch.argsort(order)]
+        return u, target.detach()
+
+    def row_weights(self, t: Tensor, r: Tensor, step: int) -> Tensor:
+        """Per-row 2511.19065 weights: beta(t - r, s) on r != t rows, alpha(t) on r = t rows (1 without a schedule)."""
+        if self.schedule is None:
+            return torch.ones_like(t)
+        beta = progressive_gap_weight(t - r, self.schedule.progress(step), self.gap_lambda)
+        if self.schedule.alpha == "min_snr":
+            alpha = min_snr_velocity_weight(t, self.schedule.gamma, self.pairs.shift) / self.alpha_norm
+        else:
+            alpha = torch.ones_like(t)
+        return torch.where(r != t, beta, alpha)
+
+    # -- the objective ---------------------------------------------------------------------------
+
+    def __call__(self, net: Model, x: Tensor, y: Tensor, step: int = 0) -> Tensor:
+        _check_batch(x, y)
+        y = drop_labels(y, self.label_dropout, null_class_of(net)) if self.label_dropout else y
+        t, r = self.pairs.sample(x.shape[0], x.device)
+        noise = torch.randn_like(x)
+        z = interpolate(x, noise, t)
+        v = self.mixed_velocity(x, noise, z, t, y)
+        v = self.guided_velocity(net, v, z, t, y)
+        u, u_tgt = self.prediction_and_target(net, z, t, r, y, v)
+        sq_error = per_sample((u - u_tgt).square(), "sum")
+        loss = adaptive_weighting(sq_error, self.adaptive_p, self.adaptive_c, self.adaptive_squared)
+        if self.schedule is not None:
+            loss = loss * self.row_weights(t, r, step).to(loss.dtype)
+        return loss
+
+
+__all__ = [
+    "FlowMatchingLoss",
+    "CMTLoss",
+    "MeanFlowLoss",
+    "TrainingGuidance",
+    "ImprovedSchedule",
+    "TrajectoryPairs",
+    "trajectory_pairs",
+    "drop_labels",
+    "adaptive_weighting",
+    "per_sample",
+    "progressive_gap_weight",
+    "min_snr_velocity_weight",
+    "finite_difference_derivative",
+    "jvp_with_primal",
+    "meanflow_time_derivative",
+]
