@@ -39,3 +39,4 @@ __all__ = [
     "to_uint8_nhwc",
     "unregister_feature_extractor",
 ]
+from mfrae.eval import judge as _judge  # noqa: E402,F401  registers the "digits_judge" feature extractor

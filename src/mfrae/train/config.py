@@ -2,6 +2,7 @@
 
 A preset is a YAML file (bundled ones live in `mfrae/configs/`, named without `.yaml`) of the form
 
+    some_anchor: &x    # optional: mappings shared by several stages through YAML anchors
     common:            # sections shared by every stage
       data: {...}
       rae: {...}
@@ -160,7 +161,8 @@ def stage_mapping(stage: str, preset: dict, source: str) -> dict:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     if "common" not in preset and "stages" not in preset:
         return preset
-    unknown = sorted(set(preset) - {"common", "stages"})
+    # Other top-level keys are YAML anchors shared between stages (e.g. `dit: &dit`), not config.
+    unknown = sorted(k for k in set(preset) - {"common", "stages"} if not isinstance(preset[k], dict))
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key {unknown[0]!r} (a preset holds `common` and `stages`)")
     stages = preset.get("stages") or {}
