@@ -113,7 +113,7 @@ def test_save_load_round_trip(judge, digits, tmp_path):
     assert torch.equal(loaded.logits(x), judge.logits(x))
     # Not a judge file / no file: errors name the file.
     save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"mfrae.kind": "small_vit"})
-    with pytest.raises(CheckpointError, match="other.safetensors.*not a digits judge"):
+    with pytest.raises(CheckpointError, match="other.safetensors: not an mfrae digits_judge file"):
         DigitsJudge.load(tmp_path / "other.safetensors")
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         DigitsJudge.load(tmp_path / "missing.safetensors")

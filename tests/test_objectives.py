@@ -31,20 +31,7 @@ from mfrae.models.dit_dh import DiTDH, DiTDHConfig
 UNIFORM = TimeDistribution.uniform()
 
 # torch.func.jvp loads its decompositions with torch.jit.script on first use (torch-internal deprecation).
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def mixture() -> GaussianMixture:
-    return GaussianMixture.default()
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"), pytest.mark.usefixtures("one_thread")]
 
 
 def tiny_dit(seed: int = 0) -> DiTDH:

@@ -29,14 +29,7 @@ from mfrae.flow.toy import GaussianMixture, MixtureOracle
 
 SHIFT_256 = math.sqrt(48)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster and steadier
 
 
 def single_gaussian(mean=(1.0, -0.5), std=0.5) -> GaussianMixture:

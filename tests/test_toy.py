@@ -28,18 +28,7 @@ from mfrae.flow.toy import (
 # the right modes but equal weights is ~6e-3 away (checked below), so 4e-3 separates "like the data" from not.
 ED_THRESHOLD = 4e-3
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def mixture() -> GaussianMixture:
-    return GaussianMixture.default()
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster and steadier
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from mfrae.errors import CheckpointError
+from mfrae.fileio import commit, temp_path
 from mfrae.layers import swiglu_hidden
 from mfrae.models.dit_dh import DiTDH, DiTDHConfig
 from mfrae.models.rae import LatentStats
@@ -234,7 +235,7 @@ def _read_weights(spec: str | Path, prefix: str | None = None) -> tuple[dict[str
     """(state dict, mfrae metadata or {}) from a safetensors file of ours or a released torch file."""
     path = resolve_path(spec)
     if path.suffix == ".safetensors":
-        state, meta = _read_safetensors(path)
+        state, meta = read_safetensors(path)
         return extract_state_dict(state, str(spec), prefix), meta
     return extract_state_dict(load_torch_file(path), str(spec), prefix), {}
 
@@ -281,7 +282,7 @@ def load_vit_decoder(spec: str | Path, config: ViTDecoderConfig | None = None) -
 def load_latent_stats(spec: str | Path, eps: float = 1e-5) -> LatentStats:
     """`stat.pt` ({"mean", "var"} of shape [C, g, g], a leading 1 tolerated) or our safetensors equivalent."""
     path = resolve_path(spec)
-    obj = _read_safetensors(path)[0] if path.suffix == ".safetensors" else load_torch_file(path)
+    obj = read_safetensors(path)[0] if path.suffix == ".safetensors" else load_torch_file(path)
     for key in ("mean", "var"):
         if key not in obj or not isinstance(obj[key], Tensor):
             raise CheckpointError(f"{spec}: latent statistics need a tensor {key!r}; found keys {sorted(obj)}")
@@ -305,7 +306,8 @@ def _tuple_fields(config: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict]:
+def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """(tensors, {"kind", "config"}) of a safetensors file; CheckpointError naming the file if unreadable."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -317,31 +319,49 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
     meta = {"kind": raw.get("mfrae.kind")}
     if "mfrae.config" in raw:
-        meta["config"] = json.loads(raw["mfrae.config"])
+        try:
+            meta["config"] = json.loads(raw["mfrae.config"])
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path}: malformed mfrae.config metadata ({err})") from None
     return state, meta
 
 
-def save_model(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write a model's state dict and its config to safetensors (atomically: temp file, then rename)."""
+def read_kind(path: str | Path, kind: str) -> tuple[dict[str, Tensor], dict]:
+    """(tensors, config) of an mfrae file of the given kind (e.g. "small_vit"); CheckpointError otherwise."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    state, meta = read_safetensors(path)
+    if meta.get("kind") != kind or "config" not in meta:
+        raise CheckpointError(f"{path}: not an mfrae {kind} file (kind {meta.get('kind')!r})")
+    return state, _tuple_fields(meta["config"])
+
+
+def write_safetensors(state: dict[str, Tensor], path: str | Path, kind: str, config: dict | None = None) -> Path:
+    """Write tensors and their kind / config atomically (temporary file, fsync, rename)."""
     from safetensors.torch import save_file
 
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"mfrae.kind": kind}
+    if config is not None:
+        metadata["mfrae.config"] = json.dumps(config)
+    tmp = temp_path(path)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
+    return commit(tmp, path)
+
+
+def save_model(model: nn.Module, path: str | Path) -> Path:
+    """Write a model's state dict and its config to safetensors (atomically)."""
     kind = next((k for k, (cls, _) in _KINDS.items() if isinstance(model, cls)), None)
     if kind is None:
         raise TypeError(f"save_model knows DiTDH and ViTDecoder, not {type(model).__name__}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"mfrae.kind": kind, "mfrae.config": json.dumps(model.config.to_dict()), **(extra_metadata or {})}
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+    return write_safetensors(model.state_dict(), path, kind, model.config.to_dict())
 
 
 def load_model(spec: str | Path) -> nn.Module:
     """Rebuild a model saved by `save_model` (kind and config from the file's metadata)."""
     path = resolve_path(spec)
-    state, meta = _read_safetensors(path)
+    state, meta = read_safetensors(path)
     if meta.get("kind") not in _KINDS or "config" not in meta:
         raise CheckpointError(f"{spec}: not an mfrae model file (no mfrae.kind / mfrae.config metadata)")
     cls, config_cls = _KINDS[meta["kind"]]
@@ -351,11 +371,4 @@ def load_model(spec: str | Path) -> nn.Module:
 
 
 def save_latent_stats(stats: LatentStats, path: str | Path) -> Path:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in stats.to_dict().items()}, str(tmp), metadata={"mfrae.kind": "latent_stats"})
-    tmp.replace(path)
-    return path
+    return write_safetensors(stats.to_dict(), path, "latent_stats")

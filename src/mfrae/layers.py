@@ -149,10 +149,12 @@ class GaussianFourierEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * num_frequencies, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: Tensor) -> Tensor:
-        # Angles in float32 even under autocast: sin/cos of large arguments lose all precision in bf16.
-        angles = t.float()[:, None] * self.W.float()[None, :] * (2 * math.pi)
-        features = torch.cat([angles.sin(), angles.cos()], dim=-1)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+        # Float32 throughout, even under autocast: sin/cos of large arguments lose all precision in bf16,
+        # and MeanFlow's finite-difference step (5e-3 in t) must survive the embedding (docs/benchmarks.md).
+        with torch.autocast(t.device.type, enabled=False):
+            angles = t.float()[:, None] * self.W.float()[None, :] * (2 * math.pi)
+            features = torch.cat([angles.sin(), angles.cos()], dim=-1)
+            return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

@@ -114,6 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ag-scale", type=float, default=1.0, help="AutoGuidance scale")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--decoder-bf16", action="store_true", help="run the decoder under bf16 autocast")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone and the decoder")
     parser.add_argument("--no-png", action="store_true", help="skip the individual PNG files")
 
 
@@ -134,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     decoder = load_vit_decoder(resolve_weights(decoder_spec))
     stats = load_latent_stats(resolve_weights(stats_spec)) if stats_spec else None
     rae = _decode_only_rae(run_rae, decoder, stats, encoder_options).to(device).eval()
+    if args.compile:
+        model, rae.decoder = torch.compile(model), torch.compile(rae.decoder)
     labels = class_labels(args.labels, args.num, model.num_classes, args.seed)
     shift = args.shift if args.shift is not None else trained_shift
     settings = SampleSettings(steps=args.steps, batch_size=args.batch_size, shift=shift, method=args.method,

@@ -41,6 +41,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from mfrae.fileio import atomic_write_text, commit, temp_path
+
 from .common import BadFiles, DataError, Item, KeyedDataset, flip_coin, hflip
 from .loader import collate_with_bad_files
 
@@ -63,37 +65,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
     raise DataError(f"latent cache dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    """Flush `tmp` to disk and atomically rename it to `final`."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def _tmp_path(final: Path) -> Path:
-    # Per-process temporary name: ranks finalising the index at the same time never share a temp file.
-    return final.with_name(f".{final.name}.{os.getpid()}.partial")
-
-
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = _tmp_path(path)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    _commit(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_index(cache_dir: str | os.PathLike) -> dict[str, Any]:
@@ -305,9 +278,9 @@ def build_latent_cache(
             batch_size=batch_size, flip_both=flip_both, dtype=dtype, num_workers=num_workers,
         )
         metadata = {"shard": str(k), "start": str(start), "count": str(rows), "bad_files": json.dumps(bad)}
-        tmp = _tmp_path(final)
+        tmp = temp_path(final)
         save_file(tensors, str(tmp), metadata=metadata)
-        _commit(tmp, final)
+        commit(tmp, final)
 
     if not all((out / shard_name(k)).exists() for k in range(num_shards)):
         return index  # other ranks are still encoding their shards

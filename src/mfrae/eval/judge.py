@@ -19,7 +19,6 @@ comes from `FeatureOptions.extra["judge"]` (a path or a `DigitsJudge`) or else `
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -117,39 +116,20 @@ class DigitsJudge(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write the weights (and BN statistics) to a safetensors file with the config in its metadata."""
-        from safetensors.torch import save_file
+        from mfrae.checkpoint import write_safetensors
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(tmp), metadata={"mfrae.kind": _KIND, "mfrae.config": json.dumps(asdict(self.config))})
-        tmp.replace(path)  # atomic: a reader never sees a half-written file
-        return path
+        return write_safetensors(self.state_dict(), path, _KIND, asdict(self.config))
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> DigitsJudge:
         """A judge written by `save`, in eval mode and frozen."""
-        from safetensors import safe_open
+        from mfrae.checkpoint import load_state_dict_strict, read_kind
 
-        from mfrae.checkpoint import load_state_dict_strict
-
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"digits judge file not found: {path}")
+        state, config = read_kind(path, _KIND)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
-        if meta.get("mfrae.kind") != _KIND:
-            raise CheckpointError(f"{path}: not a digits judge file (kind {meta.get('mfrae.kind')!r})")
-        try:
-            raw = json.loads(meta["mfrae.config"])
-            config = JudgeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-        except (KeyError, TypeError, ValueError) as err:
+            judge = cls(JudgeConfig(**config))
+        except (TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: bad 'mfrae.config' metadata ({err})") from None
-        judge = cls(config)
         load_state_dict_strict(judge, state, str(path))
         return judge.to(device).eval().requires_grad_(False)
 

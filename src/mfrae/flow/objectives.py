@@ -144,15 +144,18 @@ def finite_difference_derivative(
         du/dt ~ [u(z + d v, r, t + d) - u(z - d v, r, t - d)] / (2 d),   d = step.
 
     Both perturbed evaluations run as one no-grad batch, so they store no activations. Times are not
-    clamped (t + d may exceed 1), as in the official code.
+    clamped (t + d may exceed 1), as in the official code. The stencil always runs in float32, whatever
+    the caller's autocast: in bf16 the difference of two outputs 1e-2 apart is mostly rounding
+    (20-40 % error on du/dt, docs/benchmarks.md).
     """
     if not step > 0:
         raise ValueError(f"finite-difference step must be > 0, got {step!r}")
     n = z.shape[0]
-    with torch.no_grad():
+    z, direction = z.float(), direction.float()
+    with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
         dz = step * direction
         u_pm = net(torch.cat([z + dz, z - dz]), torch.cat([t + step, t - step]), torch.cat([y, y]),
-                   r=torch.cat([r, r]))
+                   r=torch.cat([r, r])).float()
         u_plus, u_minus = u_pm[:n], u_pm[n:]
         return (u_plus - u_minus) / (2 * step)
 
@@ -452,7 +455,7 @@ class MeanFlowLoss:
         L_i    = || u_theta(z_t, r, t, y) - u_tgt ||^2   (sum over latent elements)
         loss_i = L_i / sg(L_i + c)^p                                  (adaptive weight; `adaptive_squared` = QUIRK)
 
-    with (t, r) from `PairSampler(time, shift, fraction_r_neq_t)` and z_t = (1 - t) x + t e. The MeanFlow
+    with (t, r) from `PairSampler(time, shift, fraction_r_neq_t, r_neq_t_layout)` and z_t = (1 - t) x + t e. The MeanFlow
     identity u = v - (t - r) du/dt makes the true average velocity a fixed point when w is the true
     marginal velocity. Rows with r = t skip the derivative: their target is w exactly.
 
@@ -482,6 +485,7 @@ class MeanFlowLoss:
         time: TimeDistribution = TimeDistribution.logit_normal(-0.4, 1.0),
         shift: float = 1.0,
         fraction_r_neq_t: float = 0.25,
+        r_neq_t_layout: Literal["random", "prefix"] = "random",
         derivative: Derivative = "finite_difference",
         fd_step: float = 5e-3,
         adaptive_p: float = 1.0,
@@ -508,7 +512,7 @@ class MeanFlowLoss:
             raise ValueError("guidance source 'teacher' needs a teacher")
         self.teacher = _frozen(teacher)
         self.teacher_weight = lam
-        self.pairs = PairSampler(time, float(shift), float(fraction_r_neq_t))
+        self.pairs = PairSampler(time, float(shift), float(fraction_r_neq_t), r_neq_t_layout)
         self.derivative = derivative
         self.fd_step = float(fd_step)
         self.adaptive_p = float(adaptive_p)
@@ -554,38 +558,46 @@ class MeanFlowLoss:
         return torch.where(broadcast_time(active, w).bool(), guided, w)
 
     def prediction_and_target(
-        self, net: Model, z: Tensor, t: Tensor, r: Tensor, y: Tensor, v: Tensor
+        self, net: Model, z: Tensor, t: Tensor, r: Tensor, y: Tensor, v: Tensor, num_gap: int | None = None
     ) -> tuple[Tensor, Tensor]:
-        """(u_theta(z, r, t, y) with grad, u_tgt = sg(v - (t - r) du/dt)); r = t rows get u_tgt = v exactly."""
-        gap = r != t
+        """(u_theta(z, r, t, y) with grad, u_tgt = sg(v - (t - r) du/dt)); r = t rows get u_tgt = v exactly.
+
+        num_gap: when the r != t rows are exactly the first `num_gap` rows (PairSampler layout "prefix"), they
+        are taken as static slices; otherwise they are found from the data (`nonzero`, one host sync on GPU).
+        """
         if self.derivative == "finite_difference_fused":
             d = self.fd_step
             u_all = net(torch.cat([z, z + d * v, z - d * v]), torch.cat([t, t + d, t - d]), torch.cat([y, y, y]),
                         r=torch.cat([r, r, r]))
             u, u_plus, u_minus = u_all.chunk(3)
             dudt = ((u_plus - u_minus) / (2 * d)).detach()
-            target = torch.where(broadcast_time(gap, v).bool(), v - broadcast_time(t - r, v) * dudt, v)
+            target = torch.where(broadcast_time(r != t, v).bool(), v - broadcast_time(t - r, v) * dudt, v)
             return u, target.detach()
 
-        idx_gap = gap.nonzero().squeeze(1)
+        if num_gap is not None:
+            rows_gap, rows_eq, count = slice(0, num_gap), slice(num_gap, None), num_gap
+        else:
+            gap = r != t
+            rows_gap, rows_eq = gap.nonzero().squeeze(1), (~gap).nonzero().squeeze(1)
+            count = rows_gap.numel()
         target = v.detach().clone()
-        if self.derivative == "finite_difference" or idx_gap.numel() == 0:
+        if self.derivative == "finite_difference" or count == 0:
             u = net(z, t, y, r=r)
-            if idx_gap.numel():
-                dudt = finite_difference_derivative(net, z[idx_gap], t[idx_gap], r[idx_gap], y[idx_gap],
-                                                    v[idx_gap], self.fd_step)
-                target[idx_gap] = v[idx_gap] - broadcast_time((t - r)[idx_gap], dudt) * dudt
+            if count:
+                dudt = finite_difference_derivative(net, z[rows_gap], t[rows_gap], r[rows_gap], y[rows_gap],
+                                                    v[rows_gap], self.fd_step)
+                target[rows_gap] = v[rows_gap] - broadcast_time((t - r)[rows_gap], dudt) * dudt
             return u, target.detach()
 
         # JVP: exact derivative on the r != t rows (its primal is their prediction), plain forward on the rest.
-        idx_eq = (~gap).nonzero().squeeze(1)
-        u_gap, dudt = jvp_with_primal(net, z[idx_gap], t[idx_gap], r[idx_gap], y[idx_gap], v[idx_gap])
-        target[idx_gap] = v[idx_gap] - broadcast_time((t - r)[idx_gap], dudt) * dudt
-        if idx_eq.numel() == 0:
+        u_gap, dudt = jvp_with_primal(net, z[rows_gap], t[rows_gap], r[rows_gap], y[rows_gap], v[rows_gap])
+        target[rows_gap] = v[rows_gap] - broadcast_time((t - r)[rows_gap], dudt) * dudt
+        if count == z.shape[0]:
             return u_gap, target.detach()
-        u_eq = net(z[idx_eq], t[idx_eq], y[idx_eq], r=r[idx_eq])
-        order = torch.cat([idx_gap, idx_eq])
-        u = torch.cat([u_gap, u_eq])[torch.argsort(order)]
+        u_eq = net(z[rows_eq], t[rows_eq], y[rows_eq], r=r[rows_eq])
+        u = torch.cat([u_gap, u_eq])
+        if num_gap is None:  # back to batch order
+            u = u[torch.argsort(torch.cat([rows_gap, rows_eq]))]
         return u, target.detach()
 
     def row_weights(self, t: Tensor, r: Tensor, step: int) -> Tensor:
@@ -609,7 +621,7 @@ class MeanFlowLoss:
         z = interpolate(x, noise, t)
         v = self.mixed_velocity(x, noise, z, t, y)
         v = self.guided_velocity(net, v, z, t, y)
-        u, u_tgt = self.prediction_and_target(net, z, t, r, y, v)
+        u, u_tgt = self.prediction_and_target(net, z, t, r, y, v, self.pairs.num_gap_rows(x.shape[0]))
         sq_error = per_sample((u - u_tgt).square(), "sum")
         loss = adaptive_weighting(sq_error, self.adaptive_p, self.adaptive_c, self.adaptive_squared)
         if self.schedule is not None:

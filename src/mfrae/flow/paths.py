@@ -184,15 +184,19 @@ def _gauss_legendre_01(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
 class PairSampler:
     """(t, r) pairs for MeanFlow (meanflow_spec 2.1, 4.2).
 
-    Two iid times from `time`, both shifted by `shift`, sorted so that r = min <= t = max; then each
-    row independently keeps r != t with probability `fraction_r_neq_t` and otherwise sets r := t
-    (an iid mask, as in the PyTorch ports; the official JAX code uses a fixed prefix of the batch).
-    The r = t rows therefore carry t = max of the two draws, as in the official samplers.
+    Two iid times from `time`, both shifted by `shift`, sorted so that r = min <= t = max; then rows keep
+    r != t and the others set r := t. The r = t rows therefore carry t = max of the two draws, as in the
+    official samplers. Which rows keep r != t (`layout`):
+      "random": each row independently with probability `fraction_r_neq_t` (an iid mask, as the PyTorch ports);
+      "prefix": exactly the first round(fraction_r_neq_t * n) rows (the official JAX layout; the batch order is
+                random already). The subset is then a static slice: no host-device sync, one shape for
+                torch.compile.
     """
 
     time: TimeDistribution = TimeDistribution()
     shift: float = 1.0
     fraction_r_neq_t: float = 0.25
+    layout: Literal["random", "prefix"] = "random"
 
     def __post_init__(self):
         if not isinstance(self.time, TimeDistribution):
@@ -201,13 +205,22 @@ class PairSampler:
             raise ValueError(f"PairSampler.shift must be > 0, got {self.shift!r}")
         if not 0.0 <= self.fraction_r_neq_t <= 1.0:
             raise ValueError(f"fraction_r_neq_t must be in [0, 1], got {self.fraction_r_neq_t!r}")
+        if self.layout not in ("random", "prefix"):
+            raise ValueError(f"PairSampler.layout must be 'random' or 'prefix', got {self.layout!r}")
+
+    def num_gap_rows(self, n: int) -> int | None:
+        """With layout="prefix", how many leading rows of a batch of n have r != t; None for "random"."""
+        return round(self.fraction_r_neq_t * n) if self.layout == "prefix" else None
 
     def sample(self, n: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
         """Returns (t, r), float32 [n] each, with r <= t."""
         a = self.time.sample(n, self.shift, device)
         b = self.time.sample(n, self.shift, device)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
-        keep_gap = torch.rand(n, device=device) < self.fraction_r_neq_t
+        if self.layout == "prefix":
+            keep_gap = torch.arange(n, device=device) < self.num_gap_rows(n)
+        else:
+            keep_gap = torch.rand(n, device=device) < self.fraction_r_neq_t
         return t, torch.where(keep_gap, r, t)
 
     def expected_gap(self, method: Literal["quadrature", "monte_carlo"] = "quadrature",

@@ -24,6 +24,18 @@ from mfrae.models.vit_decoder import ViTDecoder
 NOISE_DISTRIBUTIONS = ("uniform", "halfnormal")
 
 
+def noise_tokens(tokens: Tensor, tau: float, dist: str = "uniform") -> Tensor:
+    """z + sigma n, n ~ N(0, I), one sigma per sample: tau U[0, 1) ("uniform") or |N(0, tau^2)| ("halfnormal")."""
+    if dist not in NOISE_DISTRIBUTIONS:
+        raise ValueError(f"noise_dist must be one of {NOISE_DISTRIBUTIONS}, got {dist!r}")
+    shape = (tokens.shape[0],) + (1,) * (tokens.dim() - 1)
+    if dist == "uniform":
+        sigma = tau * torch.rand(shape, device=tokens.device, dtype=tokens.dtype)
+    else:
+        sigma = (tau * torch.randn(shape, device=tokens.device, dtype=tokens.dtype)).abs()
+    return tokens + sigma * torch.randn_like(tokens)
+
+
 class LatentStats(nn.Module):
     """Per-element latent statistics {mean, var} of shape [C, g, g]: z_norm = (z - mean) / sqrt(var + eps)."""
 
@@ -114,12 +126,7 @@ class RAE(nn.Module):
         return self
 
     def add_noise(self, tokens: Tensor) -> Tensor:
-        shape = (tokens.shape[0],) + (1,) * (tokens.dim() - 1)
-        if self.noise_dist == "uniform":
-            sigma = self.noise_tau * torch.rand(shape, device=tokens.device, dtype=tokens.dtype)
-        else:
-            sigma = (self.noise_tau * torch.randn(shape, device=tokens.device, dtype=tokens.dtype)).abs()
-        return tokens + sigma * torch.randn_like(tokens)
+        return noise_tokens(tokens, self.noise_tau, self.noise_dist)
 
     def encode_tokens(self, images: Tensor) -> Tensor:
         """Raw encoder tokens [B, N, C], noise-augmented in training mode."""

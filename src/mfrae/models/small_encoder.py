@@ -15,7 +15,6 @@ a useful RAE latent space; see its docstring for the objective. The default conf
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mfrae.errors import CheckpointError
 from mfrae.layers import Attention, PatchEmbed, sincos_2d, unpatchify
 from mfrae.models.encoders import RepresentationEncoder, register_encoder
 
@@ -127,32 +125,16 @@ class SmallViTEncoder(RepresentationEncoder):
 
 
 def save_small_vit(network: SmallViT, path: str | Path) -> Path:
-    from safetensors.torch import save_file
+    from mfrae.checkpoint import write_safetensors
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    state = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
-    save_file(state, str(tmp), metadata={"mfrae.kind": "small_vit", "mfrae.config": json.dumps(asdict(network.config))})
-    tmp.replace(path)
-    return path
+    return write_safetensors(network.state_dict(), path, "small_vit", asdict(network.config))
 
 
 def load_small_vit(path: str | Path) -> SmallViT:
-    from safetensors import safe_open
+    from mfrae.checkpoint import load_state_dict_strict, read_kind
 
-    from mfrae.checkpoint import load_state_dict_strict
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
-    if meta.get("mfrae.kind") != "small_vit":
-        raise CheckpointError(f"{path}: not a small_vit encoder file (kind {meta.get('mfrae.kind')!r})")
-    cfg = json.loads(meta["mfrae.config"])
-    network = SmallViT(SmallViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}))
+    state, config = read_kind(path, "small_vit")
+    network = SmallViT(SmallViTConfig(**config))
     load_state_dict_strict(network, state, str(path))
     return network
 

@@ -51,7 +51,7 @@ from mfrae.checkpoint import load_state_dict_strict, load_torch_file
 from mfrae.errors import CheckpointError, ConfigError
 from mfrae.layers import Attention, PatchEmbed
 from mfrae.models.encoders import IMAGENET_MEAN, IMAGENET_STD, DINOv2Encoder, RepresentationEncoder
-from mfrae.models.rae import NOISE_DISTRIBUTIONS
+from mfrae.models.rae import NOISE_DISTRIBUTIONS, noise_tokens
 
 PERCEPTUAL_KINDS = ("encoder", "lpips", "none")
 DISCRIMINATOR_KINDS = ("encoder", "dino", "none")
@@ -60,21 +60,6 @@ DINO_KEY_DEPTHS = (2, 5, 8, 11)  # blocks whose outputs feed the DINO discrimina
 #################################################################################
 #                              Small pieces                                     #
 #################################################################################
-
-
-def noise_tokens(tokens: Tensor, tau: float, dist: str = "uniform") -> Tensor:
-    """z + sigma * n with one sigma per sample: tau * U[0, 1) ("uniform") or |N(0, tau^2)| ("halfnormal").
-
-    Draws in the same order as `RAE.add_noise` (sigma first, then n) so both give the same tokens.
-    """
-    if dist not in NOISE_DISTRIBUTIONS:
-        raise ConfigError(f"noise_dist must be one of {NOISE_DISTRIBUTIONS}, got {dist!r}")
-    shape = (tokens.shape[0],) + (1,) * (tokens.dim() - 1)
-    if dist == "uniform":
-        sigma = tau * torch.rand(shape, device=tokens.device, dtype=tokens.dtype)
-    else:
-        sigma = (tau * torch.randn(shape, device=tokens.device, dtype=tokens.dtype)).abs()
-    return tokens + sigma * torch.randn_like(tokens)
 
 
 def quantize_8bit(x: Tensor) -> Tensor:

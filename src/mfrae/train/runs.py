@@ -32,37 +32,11 @@ import torch
 import mfrae
 from mfrae.config import to_dict, write_yaml
 from mfrae.errors import CheckpointError
+from mfrae.fileio import atomic_write_text, fsync_dir, fsync_file
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "state.pt"
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def git_revision() -> str | None:
@@ -146,12 +120,12 @@ class RunDir:
         tmp.mkdir(parents=True)
         for name, write in writers.items():
             write(tmp / name)
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
+            fsync_file(tmp / name)
+        fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. the final step after a resume)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.checkpoints)
+        fsync_dir(self.checkpoints)
         atomic_write_text(self.checkpoints / LATEST, final.name)
         self._prune(keep_last, keep=final)
         return final
