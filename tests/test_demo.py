@@ -1,0 +1,69 @@
+"""`mfrae demo --fast`: every stage runs, the report holds the promised fields, and the images are sane."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mfrae.cli import main
+
+FIELDS = [
+    "fd_floor", "fd_reconstruction", "fd_teacher", "fd_cmt_1step", "fd_mfd_1step", "fd_mfd_2step", "fd_mft_1step",
+    "fd_mft_2step", "class_acc_teacher", "class_acc_mfd_1step", "class_acc_mft_1step", "teacher_nfe", "seconds_total",
+    "seconds_per_stage", "images_per_second",
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--fast", "--out", str(out)]) == 0
+    return out
+
+
+def test_report_has_every_field_with_measured_values(demo):
+    report = json.loads((demo / "report.json").read_text())
+    for key in FIELDS:
+        assert key in report, key
+    for key in FIELDS[:-4]:
+        value = report[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, key
+    for key in ("class_acc_teacher", "class_acc_mfd_1step", "class_acc_mft_1step"):
+        assert 0.0 <= report[key] <= 1.0
+    assert set(report["seconds_per_stage"]) == {"encoder", "decoder", "teacher", "cmt", "mfd", "mft", "sampling", "evaluation"}
+    assert sum(report["seconds_per_stage"].values()) <= report["seconds_total"]
+    speed = report["images_per_second"]
+    assert set(speed) == {"teacher", "1step", "2step"} and all(v > 0 for v in speed.values())
+    # one network evaluation is cheaper than many: the 1-step sampler must outrun the teacher
+    assert speed["1step"] > speed["teacher"]
+    # the floor compares real digits with real digits: no generator may beat it by much
+    assert report["fd_floor"] < report["fd_teacher"] * 1.5 + 1.0
+
+
+def test_report_html_and_sample_grids(demo):
+    html = (demo / "report.html").read_text()
+    assert html.count("<svg") >= 5  # loss / grad-norm curves of the stages and the stage timings
+    assert html.count("<img") >= 7  # six sample panels and the reconstructions
+    for stage in ("decoder", "teacher", "cmt", "mfd", "mft"):
+        grids = sorted((demo / stage / "samples").glob("*.png"))
+        assert grids, stage
+        image = np.asarray(Image.open(grids[-1]).convert("RGB"))
+        assert image.ndim == 3 and image.shape[2] == 3 and image.std() > 1.0, f"{stage}: a constant grid"
+
+
+def test_every_stage_is_a_normal_run_directory(demo):
+    for stage in ("decoder", "teacher", "cmt", "mfd", "mft"):
+        assert (demo / stage / "config.yaml").is_file() and (demo / stage / "metrics.jsonl").is_file()
+    assert (demo / "encoder.safetensors").is_file() and (demo / "stats" / "stats.safetensors").is_file()
+
+
+def test_running_again_reuses_finished_stages(demo, capsys):
+    before = (demo / "teacher" / "metrics.jsonl").read_text()
+    assert main(["demo", "--fast", "--out", str(demo)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("reused") >= 5
+    assert (demo / "teacher" / "metrics.jsonl").read_text() == before
