@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/mfrae flops --preset imagenet256-xl
+	$(VENV)/bin/mfrae demo --out runs/demo
 
 test: install
 	$(PY) -m pytest -q

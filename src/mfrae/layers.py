@@ -6,11 +6,21 @@ Every layer keeps the parameter names of the official RAE code so released check
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def float32_region(device: torch.device) -> contextlib.AbstractContextManager:
+    """A region that runs in float32 whatever the caller's autocast (a no-op where autocast does not exist,
+    e.g. on the meta device used for FLOP counting)."""
+    if device.type in ("cuda", "cpu", "xpu", "mps", "hpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
 
 #################################################################################
 #                              Normalisation                                    #
@@ -151,7 +161,7 @@ class GaussianFourierEmbedding(nn.Module):
     def forward(self, t: Tensor) -> Tensor:
         # Float32 throughout, even under autocast: sin/cos of large arguments lose all precision in bf16,
         # and MeanFlow's finite-difference step (5e-3 in t) must survive the embedding (docs/benchmarks.md).
-        with torch.autocast(t.device.type, enabled=False):
+        with float32_region(t.device):
             angles = t.float()[:, None] * self.W.float()[None, :] * (2 * math.pi)
             features = torch.cat([angles.sin(), angles.cos()], dim=-1)
             return self.mlp(features.to(self.mlp[0].weight.dtype))

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from mfrae.flow.paths import PairSampler, TimeDistribution, broadcast_time, conditional_velocity, interpolate
 from mfrae.flow.samplers import ODE_METHODS, ode_grid, ode_sample
+from mfrae.layers import float32_region
 
 Model = Callable[..., Tensor]
 
@@ -152,7 +153,7 @@ def finite_difference_derivative(
         raise ValueError(f"finite-difference step must be > 0, got {step!r}")
     n = z.shape[0]
     z, direction = z.float(), direction.float()
-    with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
+    with torch.no_grad(), float32_region(z.device):
         dz = step * direction
         u_pm = net(torch.cat([z + dz, z - dz]), torch.cat([t + step, t - step]), torch.cat([y, y]),
                    r=torch.cat([r, r])).float()
