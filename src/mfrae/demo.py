@@ -59,9 +59,11 @@ class DemoSettings:
     overrides: dict[str, list[str]] = field(default_factory=dict)  # extra `--set` overrides per stage
 
 
+# Full mode: about 13 minutes on 2 cores (measured settings and their choice: docs/demo.md). The teacher samples
+# with 49 Euler evaluations on the 50-point grid of the released RAE sampler.
 FULL = DemoSettings(
-    encoder_steps=400, judge_steps=200, decoder_steps=1500, teacher_steps=3000, cmt_steps=600, mfd_steps=2000,
-    mft_steps=500, num_samples=1000, teacher_nfe=32,
+    encoder_steps=400, judge_steps=200, decoder_steps=1200, teacher_steps=1500, cmt_steps=1000, mfd_steps=300,
+    mft_steps=200, num_samples=1000, teacher_nfe=49,
 )
 FAST = DemoSettings(
     encoder_steps=150, judge_steps=200, decoder_steps=200, teacher_steps=300, cmt_steps=60, mfd_steps=150,
