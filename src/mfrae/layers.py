@@ -17,7 +17,7 @@ from torch import Tensor, nn
 def float32_region(device: torch.device) -> contextlib.AbstractContextManager:
     """A region that runs in float32 whatever the caller's autocast (a no-op where autocast does not exist,
     e.g. on the meta device used for FLOP counting)."""
-    if device.type in ("cuda", "cpu", "xpu", "mps", "hpu"):
+    if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
