@@ -5,6 +5,7 @@ Run from a fresh clone (after `make install`):
     .venv/bin/python benchmarks/flops.py            # table (about 40 s on one CPU core; nothing is allocated)
     .venv/bin/python benchmarks/flops.py --json     # one JSON object
     .venv/bin/python benchmarks/flops.py --presets imagenet256-xl
+    .venv/bin/python benchmarks/flops.py --presets imagenet256-s --json   # one preset, a few seconds
 
 Everything is counted by `mfrae.flops.cost_report` on the meta device:
   * GMACs, the papers' convention: multiply-adds of Linear / Conv layers, attention products excluded;
@@ -13,10 +14,11 @@ Per image: backbone = one DiT^DH forward of the MeanFlow student (the teacher, w
 is listed separately), decoder = one ViT-XL decoder forward; N-step total = decoder + N x backbone; teacher50 =
 the released 50-point Euler grid, 49 teacher evaluations + decoder.
 
-Reference figures (RAE spec, /work/shared/docs/rae_spec.md):
-  [MEAS] spec 4.4 / 6.7 / 9: the official classes instantiated and counted (GMACs without attention; the
-         "with attention" value x 2 is the true-FLOP reference);
-  [PAGE] RAE project page; [MF-RAE] the MF-RAE paper (arXiv 2511.13019) as quoted in the spec / issue #6.
+Reference figures:
+  [MEAS] the official RAE model classes (github bytetriper/RAE; RAE is arXiv 2510.11690) instantiated with random
+         weights and counted with torch.utils.flop_counter (GMACs without attention; the "with attention" value
+         x 2 is the true-FLOP reference);
+  [PAGE] the RAE project page; [MF-RAE] the MF-RAE paper (arXiv 2511.13019).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-# Official-class measurements, RAE spec 6.7 (backbones; GMACs excl. / incl. attention) and 4.4 (decoders).
+# Official-class measurements [MEAS]: DiT^DH backbones and ViT-XL decoders, GMACs excl. / incl. attention.
 MEAS_BACKBONE = {  # (excl. attention, incl. attention)
     "imagenet256-s": (47.33, 48.47), "imagenet256-b": (63.95, 65.69),
     "imagenet256-l": (119.79, 123.55), "imagenet256-xl": (156.81, 161.58),
@@ -35,7 +37,7 @@ MEAS_BACKBONE = {  # (excl. attention, incl. attention)
     "imagenet512-l": (478.72, 538.85), "imagenet512-xl": (626.58, 702.82),
 }
 MEAS_DECODER = {256: (106.56, 110.82), 512: (425.01, 492.79)}  # ViT-XL, 256 / 1024 tokens
-# Figures quoted by the papers (papers' "GFLOPs" are MACs, spec 9).
+# Figures quoted by the papers (the papers' "GFLOPs" are multiply-adds: they match the MAC counts above).
 PAPER = {
     "imagenet256-xl": {"backbone": (157.0, "MF-RAE"), "decoder": (106.0, "MF-RAE; 106.7 PAGE"),
                        "total_1step": (263.0, "MF-RAE")},
@@ -43,7 +45,7 @@ PAPER = {
 BASELINES = [  # SD-VAE pipelines, as quoted (not computed here)
     ("SD-VAE decoder", 310.4, "PAGE (MF-RAE: 310)"),
     ("SD-VAE MeanFlow 1-step (DiT-XL/2 + SD-VAE decoder)", 424.0,
-     "MF-RAE as quoted in issue #6; spec 9's check 118.6 + 310.4 = 429"),
+     "MF-RAE; the sum 118.6 + 310.4 of the two quoted parts is 429"),
     ("DiT-XL/2 backbone (SD-VAE latents)", 118.6, "DiT paper, incl. attention"),
 ]
 
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['total_1step_gmacs']:>9.1f}{r['total_2step_gmacs']:>9.1f}{r['teacher50_gmacs']:>11.0f}"
               f"{true:>28}{params:>20}")
     print()
-    print("Against the reference figures (teacher backbone vs the official classes, RAE spec 6.7 / 4.4 [MEAS];"
+    print("Against the reference figures (teacher backbone and decoder vs the official classes [MEAS];"
           " papers' quotes)")
     print(f"{'preset':<16}{'teacher bb':>11}{'[MEAS]':>9}{'dev':>9}{'decoder':>9}{'[MEAS]':>9}{'dev':>9}"
           f"{'true tbb':>9}{'[MEAS]x2':>10}{'dev':>9}  papers")

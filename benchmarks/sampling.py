@@ -6,6 +6,7 @@ Run from a fresh clone (after `make install`):
     .venv/bin/python benchmarks/sampling.py --json           # one JSON object
     .venv/bin/python benchmarks/sampling.py --preset imagenet256-xl --batch 32 --decoder-bf16   # GPU
     .venv/bin/python benchmarks/sampling.py --compile        # torch.compile the DiT^DH models and the decoder
+    .venv/bin/python benchmarks/sampling.py --preset tiny --batch 2 --repeats 1 --warmup 0   # smoke run
 
 (The script puts ../src on sys.path.) Without `--preset` the run uses `digits-small` on CPU and `imagenet256-xl`
 on CUDA. Weights are random (sampling cost does not depend on their values; adaLN / output layers get small
@@ -17,7 +18,7 @@ per-sample seeded noise, RAE decode, clamp, copy to host):
     mf1        MeanFlow student, 1 jump  (1 NFE):  x = e - u(e, r=0, t=1)
     mf2        MeanFlow student, 2 jumps (2 NFE) on the uniform grid [1, 0.5, 0]
     teacher50  flow-matching teacher, Euler on the released 50-point shifted grid = 49 NFE (`mfrae sample
-               --steps 49`; rae_spec 8.3), no guidance
+               --steps 49`, `mfrae.flow.samplers.flow_matching_sample`; the released RAE sampler), no guidance
 
 Each variant decodes its latents with the same ViT decoder. Timing: one process, the variants interleaved
 batch by batch (rotating the order) after `--warmup` rounds; the median of `--repeats` batches per variant.
@@ -45,6 +46,13 @@ NFE = {"mf1": 1, "mf2": 2, "teacher50": 49}
 
 # name: (DiT^DH kwargs, ViT decoder kwargs, default batch, teacher ODE shift (None: sqrt(CHW / 4096)))
 PRESETS: dict[str, tuple[dict, dict, int, float | None]] = {
+    # A few-thousand-parameter pipeline for smoke runs (tests/test_benchmarks.py): seconds, not a measurement.
+    "tiny": (
+        {"input_size": 4, "in_channels": 8, "hidden_size": (32, 48), "depth": (2, 1), "num_heads": (2, 2),
+         "num_classes": 10},
+        {"encoder_hidden_size": 8, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
+         "patch_size": 4, "num_patches": 16},
+        4, 1.0),
     # The `digits` config: a 64-d small-ViT encoder on 32 px images (4 x 4 tokens of patch 8).
     "digits-small": (
         {"input_size": 4, "in_channels": 64, "hidden_size": (128, 192), "depth": (4, 1), "num_heads": (4, 4),
@@ -66,7 +74,7 @@ PRESETS: dict[str, tuple[dict, dict, int, float | None]] = {
          "patch_size": 16, "num_patches": 1024},
         8, None),
 }
-CPU_PRESETS = ("digits-small",)
+CPU_PRESETS = ("tiny", "digits-small")
 TARGETS = {"mf1_vs_teacher50": 20.0}  # CPU, digits-small, 2 threads
 
 

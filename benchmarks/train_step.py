@@ -6,6 +6,7 @@ Run from a fresh clone (after `make install`):
     .venv/bin/python benchmarks/train_step.py --json         # one JSON object
     .venv/bin/python benchmarks/train_step.py --preset tiny --steps 3
     .venv/bin/python benchmarks/train_step.py --preset imagenet256-xl --batch 32     # GPU: DiT^DH-XL, bf16
+    .venv/bin/python benchmarks/train_step.py --preset tiny --steps 1 --warmup 0 --in-process   # smoke run
 
 (The script puts ../src on sys.path, so `PYTHONPATH` is not needed.) Without `--preset` the run uses `small`
 on CPU and `imagenet256-xl` (the released DiT^DH-XL shape, 768 x 16 x 16 latents, 1000 classes) on CUDA.
@@ -19,7 +20,8 @@ Variants, all through the library objectives on the same model, batch and random
     jvp             MeanFlowLoss(derivative="jvp"): torch.func.jvp (forward-mode AD, math attention) on the
                     r != t rows only, whose primal is the trained prediction; a plain forward on the r = t rows.
     jvp_full_batch  the official MeanFlow layout: torch.func.jvp over ALL B rows (primal = prediction, tangent
-                    (w, 1, 0)); the r = t rows get (t - r) du/dt = 0, so the numbers equal `jvp`.
+                    (w, 1, 0)), a `TimeDerivative` defined here; the r = t rows need no du/dt, so the numbers
+                    equal `jvp`.
     fused           MeanFlowLoss(derivative="finite_difference_fused"): the official MF-RAE layout, one autograd
                     forward of the 3B batch [z, z + d w, z - d w] (gradients flow back through the whole graph).
     fm              FlowMatchingLoss: one forward + backward of B rows, the floor any MeanFlow step pays.
@@ -51,6 +53,9 @@ process during one step, minus the RSS just before it:
 On CUDA: `torch.cuda.max_memory_allocated()` during one step minus `memory_allocated()` before it (fresh process
 per variant as well). Either way the number is parameter gradients + activations kept for backward + transient
 buffers, i.e. what the step adds on top of the model and data.
+
+`--in-process` runs the timing and memory workers in the calling process instead of fresh children (a smoke run,
+e.g. `main([...])` from tests/test_benchmarks.py: the memory figures then include what earlier variants left).
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ PRESETS: dict[str, tuple[dict, int]] = {
                "num_classes": 10}, 32),
     "S": ({"input_size": 16, "in_channels": 768, "hidden_size": (384, 2048), "depth": (12, 2), "num_heads": (6, 16),
            "num_classes": 10}, 4),
-    # The released ImageNet-256 DiT^DH-XL (RAE spec 6.1): 838.7M params (teacher), 156.8 GMACs per image.
+    # The released ImageNet-256 DiT^DH-XL (RAE, arXiv 2510.11690): 838.7M params (teacher), 156.8 GMACs per image.
     "imagenet256-xl": ({"input_size": 16, "in_channels": 768, "hidden_size": (1152, 2048), "depth": (28, 2),
                         "num_heads": (16, 16), "num_classes": 1000}, 32),
 }
@@ -132,17 +137,17 @@ def _cuda_available() -> bool:
 # ----------------------------------------------------------------------------------- workers
 
 
-def full_batch_jvp_objective(base_class):
-    """MeanFlowLoss whose derivative is torch.func.jvp over every row (the official MeanFlow layout)."""
-    from mfrae.flow.objectives import jvp_with_primal
-    from mfrae.flow.paths import broadcast_time
+def full_batch_jvp():
+    """A TimeDerivative: torch.func.jvp over every row (the official MeanFlow layout), its primal the prediction;
+    the objective uses du/dt on the r != t rows only."""
+    from mfrae.flow.objectives import TimeDerivative, jvp_with_primal
 
-    class FullBatchJVPLoss(base_class):
-        def prediction_and_target(self, net, z, t, r, y, v):
-            u, dudt = jvp_with_primal(net, z, t, r, y, v)
-            return u, (v - broadcast_time(t - r, v) * dudt).detach()
+    class FullBatchJVP(TimeDerivative):
+        def __call__(self, net, z, t, r, y, w, rows):
+            u, dudt = jvp_with_primal(net, z, t, r, y, w)
+            return u, rows.take(dudt)[0] if rows.count else None
 
-    return FullBatchJVPLoss
+    return FullBatchJVP()
 
 
 def _setup(args: argparse.Namespace, variants: list[str]):
@@ -180,12 +185,14 @@ def _setup(args: argparse.Namespace, variants: list[str]):
 
     def make_step(variant: str):
         if variant == "fm":
-            objective = FlowMatchingLoss(shift=shift)
+            objective = FlowMatchingLoss(shift=shift, null_class=net.null_class)
         else:
-            kind = {"fd": "finite_difference", "jvp": "jvp", "jvp_full_batch": "jvp",
-                    "fused": "finite_difference_fused"}[variant]
-            loss_class = full_batch_jvp_objective(MeanFlowLoss) if variant == "jvp_full_batch" else MeanFlowLoss
-            objective = loss_class(teacher, shift=shift, fraction_r_neq_t=args.fraction, derivative=kind)
+            derivative = {"fd": "finite_difference", "jvp": "jvp", "jvp_full_batch": "jvp",
+                          "fused": "finite_difference_fused"}[variant]
+            objective = MeanFlowLoss(teacher, shift=shift, fraction_r_neq_t=args.fraction, derivative=derivative,
+                                     null_class=net.null_class)
+            if variant == "jvp_full_batch":
+                objective.time_derivative = full_batch_jvp()
 
         def step(i: int) -> float:
             torch.manual_seed(1000 + i)  # identical (t, r), masks and noise in every variant
@@ -255,6 +262,16 @@ def time_worker(args: argparse.Namespace) -> dict:
 
 
 def _child(args: argparse.Namespace, extra: list[str], pin_mmap: bool) -> dict:
+    """Run a worker (`extra` = ["--time-worker", "v1,v2"] or ["--memory-worker", "v"]) in a fresh child process,
+    or in this one with --in-process."""
+    if args.in_process:
+        flag, value = extra
+        worker = argparse.Namespace(**{**vars(args), "time_variants": None, "memory_variant": None})
+        if flag == "--time-worker":
+            worker.time_variants = value
+            return time_worker(worker)
+        worker.memory_variant = value
+        return memory_worker(worker)
     env = dict(os.environ)
     if pin_mmap:  # memory children only: the timing child keeps glibc's default (adaptive) allocator
         env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="0")
@@ -301,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the workers in this process, not in fresh children (smoke runs; memory less clean)")
     parser.add_argument("--memory-worker", choices=VARIANTS, dest="memory_variant", help=argparse.SUPPRESS)
     parser.add_argument("--time-worker", dest="time_variants", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

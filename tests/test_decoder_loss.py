@@ -1,5 +1,5 @@
-"""Stage-1 decoder objective: L1 / perceptual / adaptive-weight GAN, DiffAugment, discriminator updates,
-checkpoint state, LPIPS and DINO weight files."""
+"""Decoder stage objective: L1 / perceptual / adaptive-weight GAN generator loss, DiffAugment, the discriminator
+player (its loss and hand-run engine turns), options, encoder feature maps, LPIPS and DINO weight files."""
 
 from __future__ import annotations
 
@@ -12,23 +12,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import randomize_
+from mfrae.config import from_dict
 from mfrae.errors import CheckpointError, ConfigError
+from mfrae.models.discriminator import DinoViT
 from mfrae.models.encoders import IMAGENET_MEAN, IMAGENET_STD, RepresentationEncoder, build_encoder
+from mfrae.models.perceptual import LPIPS, EncoderFeatureMaps
 from mfrae.models.rae import RAE
 from mfrae.models.vit_decoder import ViTDecoder, ViTDecoderConfig
-from mfrae.train.decoder_loss import (
-    LPIPS,
-    DecoderLoss,
-    DiffAugParams,
-    DinoViT,
-    EncoderFeatureMaps,
-    apply_diffaug,
-    default_key_depths,
-    diff_augment,
-    hinge_d_loss,
-    quantize_8bit,
-    sample_diffaug,
-)
+from mfrae.train.augment import DiffAugParams, apply_diffaug, augmenter, diff_augment, sample_diffaug
+from mfrae.train.decoder_loss import DecoderLoss
+from mfrae.train.decoder_parts import DecoderObjectiveOptions, build_decoder_objective, default_key_depths
+from mfrae.train.gan import hinge_d_loss, quantize_8bit
+from mfrae.train.parts import Player
 
 #################################################################################
 #                                 Fixtures                                      #
@@ -71,28 +66,65 @@ def images(n: int = 4, size: int = 16) -> torch.Tensor:
     return torch.round(x * 255) / 255
 
 
-def make_loss(**options) -> DecoderLoss:
-    defaults = dict(noise_tau=0.0, gan_start_step=0, disc_start_step=0)
-    defaults.update(options)
-    return DecoderLoss(TinyEncoder(), **defaults)
+def build(net: nn.Module | None = None, encoder: RepresentationEncoder | None = None, noise_tau: float = 0.0,
+          noise_dist: str = "uniform", lr_factor=None, **options) -> tuple[DecoderLoss, Player | None, nn.Module]:
+    """(generator loss, discriminator player or None, decoder) as the decoder stage builds them."""
+    net = tiny_decoder() if net is None else net
+    rae = RAE(encoder or TinyEncoder(), None, None, noise_tau=noise_tau, noise_dist=noise_dist)
+    options = {"gan_start_step": 0, "disc_start_step": 0, **options}
+    loss, players = build_decoder_objective(DecoderObjectiveOptions(**options), rae, net, lr_factor)
+    assert len(players) <= 1
+    return loss, (players[0] if players else None), net
 
 
-def heads_state(loss: DecoderLoss) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in loss.discriminator.heads.state_dict().items()}
+class Turns:
+    """The engine's turns of a player, by hand (see `mfrae.train.parts.Player`): AdamW from `PlayerOptim`, the
+    learning rate `optim.lr * lr_factor(step)`, trainable only during the turn."""
+
+    def __init__(self, player: Player):
+        self.player = player
+        o = player.optim
+        self.optimizer = torch.optim.AdamW(player.module.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                           weight_decay=o.weight_decay)
+
+    def __call__(self, net: nn.Module, x: torch.Tensor, step: int) -> dict[str, float]:
+        p = self.player
+        if step < p.start_step:
+            return {}
+        lr = p.optim.lr * (p.lr_factor(step) if p.lr_factor is not None else 1.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        p.module.requires_grad_(True)
+        try:
+            loss, stats = p.loss(net, x, step)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        finally:
+            p.module.requires_grad_(False)
+        return {"loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()}, "lr": lr}
+
+
+def heads_state(player: Player) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in player.module.state_dict().items()}
+
+
+def reconstruct(loss: DecoderLoss, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    enc = loss.rae.encoder
+    return net(enc(x)) * enc.image_std + enc.image_mean
 
 
 #################################################################################
-#                                  Losses                                       #
+#                              Generator loss                                   #
 #################################################################################
 
 
 def test_l1_term_is_the_mean_absolute_error():
-    loss = make_loss(perceptual="none", discriminator="none")
-    net, x = tiny_decoder(), images()
-    enc = loss.encoder
+    loss, player, net = build(perceptual="none", discriminator="none")
+    x = images()
+    assert player is None
     with torch.no_grad():
-        recon = net(enc(x)) * enc.image_std + enc.image_mean
-    expected = (recon - x).abs().mean(dim=(1, 2, 3))
+        expected = (reconstruct(loss, net, x) - x).abs().mean(dim=(1, 2, 3))
     out = loss(net, x, None, step=10**6)
     assert out.shape == (4,)
     torch.testing.assert_close(out, expected)
@@ -100,26 +132,29 @@ def test_l1_term_is_the_mean_absolute_error():
 
 
 @pytest.mark.parametrize("dist", ["uniform", "halfnormal"])
-def test_noise_augmentation_matches_the_rae(dist):
-    """Same noise as RAE.add_noise for the same RNG state: L1 of the noisy reconstruction of a train-mode RAE."""
-    loss = make_loss(noise_tau=0.8, noise_dist=dist, perceptual="none", discriminator="none")
-    net, x = tiny_decoder(), images()
+def test_noise_augmentation_is_the_rae_s(dist):
+    """Same noise as RAE.add_noise for the same RNG state: L1 of the noisy reconstruction of a train-mode RAE,
+    whatever the loss module's own mode."""
+    loss, _, net = build(noise_tau=0.8, noise_dist=dist, perceptual="none", discriminator="none")
+    x = images()
     torch.manual_seed(3)
     out = loss(net, x)
     torch.manual_seed(3)
     with torch.no_grad():
-        recon = RAE(loss.encoder, net, noise_tau=0.8, noise_dist=dist).train()(x)
+        recon = RAE(loss.rae.encoder, net, noise_tau=0.8, noise_dist=dist).train()(x)
     torch.testing.assert_close(out.detach(), (recon - x).abs().mean(dim=(1, 2, 3)))
-    assert not torch.allclose(out.detach(), make_loss(perceptual="none", discriminator="none")(net, x).detach())
+    torch.manual_seed(3)
+    torch.testing.assert_close(loss.eval()(net, x).detach(), out.detach())
+    clean, _, _ = build(net, perceptual="none", discriminator="none")
+    assert not torch.allclose(out.detach(), clean(net, x).detach())
 
 
 def test_encoder_perceptual_term_and_its_gradient():
-    loss = make_loss(discriminator="none", l1_weight=0.0)
-    net, x = tiny_decoder(), images()
+    loss, _, net = build(discriminator="none", l1_weight=0.0)
+    x = images()
     out = loss(net, x)
-    enc = loss.encoder
-    recon = net(enc(x)) * enc.image_std + enc.image_mean
-    a, b = F.normalize(enc(recon), dim=-1), F.normalize(enc(x), dim=-1)
+    enc = loss.rae.encoder
+    a, b = F.normalize(enc(reconstruct(loss, net, x)), dim=-1), F.normalize(enc(x), dim=-1)
     torch.testing.assert_close(out, (a - b).pow(2).sum(-1).mean(-1), rtol=1e-4, atol=1e-6)
     out.mean().backward()
     assert net.decoder_pred.weight.grad.abs().sum() > 0
@@ -128,59 +163,44 @@ def test_encoder_perceptual_term_and_its_gradient():
 
 
 def test_gan_term_and_discriminator_wait_for_their_start_steps():
-    loss = make_loss(gan_start_step=5, disc_start_step=3)
-    plain = make_loss(discriminator="none")
-    net, x = tiny_decoder(), images()
-    before = heads_state(loss)
+    loss, player, net = build(gan_start_step=5, disc_start_step=3)
+    plain, _, _ = build(net, discriminator="none")
+    turns, x = Turns(player), images()
+    assert player.name == "disc" and player.start_step == 3
+    before = heads_state(player)
     for step in range(3):
         torch.testing.assert_close(loss(net, x, None, step), plain(net, x, None, step))
         assert "gan" not in loss.last_stats
-        assert loss.discriminator_step(net, x, step) == {}
-    assert all(torch.equal(v, heads_state(loss)[k]) for k, v in before.items())  # parameters and SN buffers
-    assert loss.disc_optimizer.state_dict()["state"] == {}
+        assert turns(net, x, step) == {}
+    assert all(torch.equal(v, heads_state(player)[k]) for k, v in before.items())  # parameters and SN buffers
 
-    stats = loss.discriminator_step(net, x, 3)
-    assert {"disc_loss", "disc_logits_real", "disc_logits_fake", "disc_lr"} <= set(stats)
-    after = heads_state(loss)
+    stats = turns(net, x, 3)
+    assert set(stats) == {"loss", "logits_real", "logits_fake", "lr"}
+    after = heads_state(player)
     assert any(not torch.equal(before[k], after[k]) for k in before if "original" in k)
     assert "gan" not in loss.last_stats and torch.allclose(loss(net, x, None, 4), plain(net, x, None, 4))
     loss(net, x, None, 5)
     assert {"gan", "adaptive_weight"} <= set(loss.last_stats)
 
 
-def test_discriminator_steps_lower_the_hinge_loss_on_a_fixed_batch():
-    loss = make_loss(diffaug=False, disc_lr=2e-3)
-    net, x = tiny_decoder(), images()
-    losses = [loss.discriminator_step(net, x, step)["disc_loss"] for step in range(12)]
-    assert losses[-1] < losses[0] - 0.1, losses
-    # The returned value is the hinge loss on the quantised un-noised reconstruction, computed independently:
-    with torch.no_grad():
-        enc = loss.encoder
-        fake = quantize_8bit((net(enc(x)) * enc.image_std + enc.image_mean) * 2 - 1)
-        logits = loss.discriminator(torch.cat([x * 2 - 1, fake]))
-        expected = hinge_d_loss(*logits.chunk(2))
-        got = loss.discriminator_loss(net, x)[0]
-    torch.testing.assert_close(got, expected)
-
-
 def test_generator_never_accumulates_into_the_discriminator():
-    loss = make_loss()
-    net, x = tiny_decoder(), images()
-    loss(net, x, None, 0).mean().backward()
-    assert all(p.grad is None for p in loss.discriminator.heads.parameters())
-    assert all(not p.requires_grad for p in loss.discriminator.heads.parameters())
+    loss, player, net = build()
+    loss(net, images(), None, 0).mean().backward()
+    assert loss.discriminator.heads is player.module
+    assert all(p.grad is None for p in player.module.parameters())
+    assert all(not p.requires_grad for p in player.module.parameters())  # frozen outside its turns
 
 
 def test_adaptive_weight_is_the_ratio_of_gradient_norms():
+    loss, _, net = build(diffaug=False, perceptual_weight=0.5, gan_weight=0.75)
     # eval(): spectral norm stops its power iteration, so the independent discriminator calls see the same weights.
-    loss = make_loss(diffaug=False, perceptual_weight=0.5, gan_weight=0.75).eval()
-    net, x = tiny_decoder(), images()
+    loss.eval()
+    x = images()
     W = net.decoder_pred.weight
     out = loss(net, x, None, 0)
     lam = loss.last_stats["adaptive_weight"]
 
-    enc = loss.encoder
-    recon = net(enc(x)) * enc.image_std + enc.image_mean
+    recon = reconstruct(loss, net, x)
     rec = ((recon - x).abs().mean(dim=(1, 2, 3)) + 0.5 * loss.perceptual(recon, x)).mean()
     gan = -loss.discriminator(recon * 2 - 1).mean()
     g_rec = torch.autograd.grad(rec, W, retain_graph=True)[0]
@@ -192,14 +212,14 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms():
     out.mean().backward()
     torch.testing.assert_close(W.grad, g_rec + 0.75 * lam * g_gan, rtol=1e-4, atol=1e-7)
 
-    clamped = make_loss(diffaug=False, max_adaptive_weight=1e-3).eval()
-    clamped.discriminator.load_state_dict(loss.discriminator.state_dict())
+    clamped, _, _ = build(net, diffaug=False, max_adaptive_weight=1e-3)
+    clamped.eval().discriminator.load_state_dict(loss.discriminator.state_dict())
     clamped(net, x, None, 0)
     assert float(clamped.last_stats["adaptive_weight"]) == pytest.approx(min(1e-3, float(expected)))
 
 
-def test_adaptive_weight_through_a_wrapper_with_module():
-    """A DDP-like wrapper: the last layer is reached through `.module`."""
+def test_the_loss_only_calls_a_wrapped_decoder():
+    """DDP-like (`.module`) or any other wrapper: the last layer was given at construction, the net is only called."""
 
     class Wrapper(nn.Module):
         def __init__(self, module):
@@ -209,17 +229,95 @@ def test_adaptive_weight_through_a_wrapper_with_module():
         def forward(self, tokens):
             return self.module(tokens)
 
-    loss = make_loss(diffaug=False).eval()
-    net, x = tiny_decoder(), images()
+    loss, _, net = build(diffaug=False)
+    loss.eval()
+    x = images()
     torch.testing.assert_close(loss(Wrapper(net), x), loss(net, x))
+    torch.testing.assert_close(loss(nn.Sequential(net), x), loss(net, x))
+    assert loss.last_layer is net.decoder_pred.weight
+    assert not any(p is net.decoder_pred.weight for p in loss.parameters())  # not the loss's own parameter
 
 
 def test_no_grad_call_leaves_out_the_gan_term():
-    loss = make_loss()
-    net, x = tiny_decoder(), images()
+    loss, _, net = build()
     with torch.no_grad():
-        out = loss(net, x, None, 0)
+        out = loss(net, images(), None, 0)
     assert out.shape == (4,) and "gan" not in loss.last_stats
+
+
+#################################################################################
+#                           The discriminator player                            #
+#################################################################################
+
+
+def test_player_loss_is_the_hinge_loss_on_quantised_clean_reconstructions():
+    loss, player, net = build(noise_tau=0.8, diffaug=False)
+    x = images()
+    player.module.eval()  # no power iteration: the two evaluations below see the same weights
+    torch.manual_seed(4)
+    got, stats = player.loss(net, x, 0)
+    with torch.no_grad():
+        fake = quantize_8bit(reconstruct(loss, net, x) * 2 - 1)  # un-noised tokens although noise_tau > 0
+        logits_real, logits_fake = loss.discriminator(torch.cat([x * 2 - 1, fake])).chunk(2)
+    torch.testing.assert_close(got, hinge_d_loss(logits_real, logits_fake))
+    torch.testing.assert_close(stats["logits_real"], logits_real.mean())
+    torch.testing.assert_close(stats["logits_fake"], logits_fake.mean())
+    assert got.requires_grad is False  # heads frozen outside a turn: nothing to train here
+
+
+def test_player_turns_lower_the_hinge_loss_on_a_fixed_batch():
+    _, player, net = build(diffaug=False, disc_lr=2e-3, disc_betas=(0.5, 0.9), disc_weight_decay=0.01,
+                           lr_factor=lambda step: 0.5)
+    assert (player.optim.lr, player.optim.betas, player.optim.weight_decay, player.optim.eps) == (2e-3, (0.5, 0.9), 0.01, 1e-8)
+    turns, x = Turns(player), images()
+    results = [turns(net, x, step) for step in range(12)]
+    losses = [r["loss"] for r in results]
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert results[0]["lr"] == pytest.approx(1e-3)
+    assert all(p.grad is not None for p in player.module.parameters())  # the turn's gradients reached the heads
+    assert all(p.grad is None for p in net.parameters())  # and nothing reached the decoder
+
+
+def test_player_module_holds_the_trainable_heads_only():
+    loss, player, net = build()
+    heads = player.module
+    state = heads.state_dict()
+    assert all(k.split(".")[0].isdigit() for k in state)  # head i's tensors, nothing frozen
+    assert not any("encoder" in k or "features" in k for k in state)
+    assert sum(v.numel() for v in state.values()) == (
+        sum(p.numel() for p in heads.parameters()) + sum(b.numel() for b in heads.buffers())
+    )
+    assert set(map(id, heads.parameters())) == set(map(id, loss.discriminator.heads.parameters()))
+    assert all(not p.requires_grad for p in loss.discriminator.features.parameters())
+    assert build(discriminator="none")[1] is None
+
+
+def test_a_restored_player_repeats_its_turns(tmp_path):
+    """Heads + optimizer state are all a player needs to resume (what the engine checkpoints)."""
+    loss, player, net = build()
+    turns, x = Turns(player), images()
+    for step in range(2):
+        turns(net, x, step)
+    torch.save({"module": player.module.state_dict(), "optimizer": turns.optimizer.state_dict()}, tmp_path / "p.pt")
+    state = torch.load(tmp_path / "p.pt", weights_only=True)
+    assert state["optimizer"]["state"]  # Adam moments exist after two turns
+
+    torch.manual_seed(123)  # differently initialised fresh heads
+    fresh_loss, fresh, _ = build(net)
+    assert not all(torch.equal(v, heads_state(fresh)[k]) for k, v in heads_state(player).items())
+    fresh_turns = Turns(fresh)
+    fresh.module.load_state_dict(state["module"])
+    fresh_turns.optimizer.load_state_dict(state["optimizer"])
+    torch.manual_seed(7)
+    a = turns(net, x, 2)
+    torch.manual_seed(7)
+    assert fresh_turns(net, x, 2) == a
+    for k, v in heads_state(player).items():
+        assert torch.equal(v, heads_state(fresh)[k]), k
+    torch.manual_seed(8)
+    ga = loss(net, x, None, 3)
+    torch.manual_seed(8)
+    assert torch.equal(ga, fresh_loss(net, x, None, 3))
 
 
 #################################################################################
@@ -298,51 +396,13 @@ def test_quantize_8bit():
     torch.testing.assert_close(levels, levels.round())
 
 
-#################################################################################
-#                               Checkpoints                                     #
-#################################################################################
-
-
-def test_state_dict_holds_discriminator_and_optimizer_only(tmp_path):
-    loss = make_loss()
-    net, x = tiny_decoder(), images()
-    for step in range(2):
-        loss.discriminator_step(net, x, step)
-    state = loss.state_dict()
-    assert set(state) == {"discriminator", "disc_optimizer"}
-    heads = loss.discriminator.heads
-    assert set(state["discriminator"]) == set(heads.state_dict())
-    assert sum(v.numel() for v in state["discriminator"].values()) == (
-        sum(p.numel() for p in heads.parameters()) + sum(b.numel() for b in heads.buffers())
-    )
-    assert all(k.split(".")[0].isdigit() for k in state["discriminator"])  # head i's tensors, nothing frozen
-    assert state["disc_optimizer"]["state"]  # Adam moments exist after two steps
-    torch.save(state, tmp_path / "state.pt")
-    state = torch.load(tmp_path / "state.pt", weights_only=True)
-
-    torch.manual_seed(123)  # a differently initialised fresh loss
-    fresh = make_loss()
-    assert not all(torch.equal(v, heads_state(fresh)[k]) for k, v in heads_state(loss).items())
-    fresh.load_state_dict(state)
-    torch.manual_seed(7)
-    a = loss.discriminator_step(net, x, 2)
-    torch.manual_seed(7)
-    b = fresh.discriminator_step(net, x, 2)
-    assert a == b
-    for k, v in heads_state(loss).items():
-        assert torch.equal(v, heads_state(fresh)[k]), k
-    torch.manual_seed(8)
-    ga = loss(net, x, None, 3)
-    torch.manual_seed(8)
-    assert torch.equal(ga, fresh(net, x, None, 3))
-
-    dropped = "0.out.bias"
-    bad = dict(state, discriminator={k: v for k, v in state["discriminator"].items() if k != dropped})
-    with pytest.raises(CheckpointError, match=r"missing keys \(1\): 0\.out\.bias"):
-        fresh.load_state_dict(bad)
-    with pytest.raises(CheckpointError, match="disc_optimizer"):
-        fresh.load_state_dict({"discriminator": state["discriminator"]})
-    assert make_loss(discriminator="none").state_dict() == {}
+def test_augmenter_is_diffaugment_or_the_identity():
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    assert torch.equal(augmenter(False)(x), x)
+    torch.manual_seed(2)
+    a = augmenter(True, prob=0.5, translation=0.25)(x)
+    torch.manual_seed(2)
+    torch.testing.assert_close(a, diff_augment(x, prob=0.5, translation=0.25))
 
 
 #################################################################################
@@ -352,39 +412,48 @@ def test_state_dict_holds_discriminator_and_optimizer_only(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_dinov2(tmp_path_factory):
-    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    """A 4-block DINOv2 with registers, saved as a local Hugging Face folder (no download)."""
+    from transformers import Dinov2WithRegistersConfig as Config, Dinov2WithRegistersModel as Model
 
-    cfg = Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                                    patch_size=4, image_size=32, num_register_tokens=4)
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("dinov2")
-    Dinov2WithRegistersModel(cfg).save_pretrained(folder)
+    Model(Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, patch_size=4,
+                 image_size=32, num_register_tokens=4)).save_pretrained(folder)
     return folder
 
 
 def test_dinov2_encoder_exposes_intermediate_maps(tiny_dinov2):
     encoder = build_encoder("dinov2", path=tiny_dinov2, input_size=16)
+    assert encoder.num_blocks == 4 and TinyEncoder().num_blocks is None
     assert default_key_depths(12) == (2, 5, 8, 11) and default_key_depths(4) == (0, 1, 2, 3)
-    x = images(2)
-    maps = EncoderFeatureMaps(encoder, (1, 3))(x)
-    pixels = (x - encoder.image_mean) / encoder.image_std
+    x = images(2, 20)  # resized to the encoder's 16 px by the encoder itself
+    maps = encoder.feature_maps(x, (1, 3))
+    pixels = (F.interpolate(x, size=(16, 16), mode="bicubic", align_corners=False) - encoder.image_mean) / encoder.image_std
     hidden = encoder.model(pixel_values=pixels, output_hidden_states=True).hidden_states
     torch.testing.assert_close(maps[0], encoder(x))
     torch.testing.assert_close(maps[1], hidden[2][:, 5:])
     torch.testing.assert_close(maps[2], hidden[4][:, 5:])
+    for a, b in zip(EncoderFeatureMaps(encoder, (1, 3))(x), maps):
+        assert torch.equal(a, b)
+    assert torch.equal(encoder.feature_maps(x)[0], encoder(x))
+    with pytest.raises(ValueError, match="outside"):
+        encoder.feature_maps(x, (4,))
+    with pytest.raises(ValueError, match="final tokens"):
+        TinyEncoder().feature_maps(x, (0,))
     with pytest.raises(ConfigError, match="outside"):
         EncoderFeatureMaps(encoder, (4,))
     with pytest.raises(ConfigError, match="final tokens"):
         EncoderFeatureMaps(TinyEncoder(), (0,))
 
-    loss = DecoderLoss(encoder, gan_start_step=0, disc_start_step=0)
-    assert len(loss.discriminator.heads) == 5  # final + blocks 0..3
-    net = tiny_decoder(32)
+    x = images(2)
+    loss, player, net = build(tiny_decoder(32), encoder)
+    assert len(player.module) == 5  # final + blocks 0..3
+    assert loss.perceptual.maps.depths == (0, 1, 2)  # the last block is the final map already
     out = loss(net, x, None, 0)
     assert out.shape == (2,) and torch.isfinite(out).all() and "adaptive_weight" in loss.last_stats
     assert loss.discriminator(x * 2 - 1).shape == (2, 5 * 16)
-    assert math.isfinite(loss.discriminator_step(net, x, 0)["disc_loss"])
-    assert not any("model." in k for k in loss.state_dict()["discriminator"])
+    assert math.isfinite(Turns(player)(net, x, 0)["loss"])
+    assert not any("model." in k for k in player.module.state_dict())
 
 
 #################################################################################
@@ -436,13 +505,14 @@ def test_lpips_from_local_files(tmp_path):
     torch.testing.assert_close(d, _reference_lpips(tmp_path, a, b), rtol=1e-4, atol=1e-6)
     assert float(lpips(a, a).abs().max()) < 1e-6
     LPIPS.from_spec(f"{tmp_path / 'vgg16-397923af.pth'},{tmp_path / 'vgg.pth'}")
+    LPIPS.from_spec([tmp_path / "vgg16-397923af.pth", tmp_path / "vgg.pth"])
 
-    loss = DecoderLoss(TinyEncoder(), noise_tau=0.0, perceptual="lpips", lpips_weights=str(tmp_path),
-                       discriminator="none")
-    out = loss(tiny_decoder(), a)
+    loss, player, net = build(perceptual="lpips", lpips_weights=str(tmp_path), discriminator="none")
+    assert isinstance(loss.perceptual, LPIPS) and player is None
+    out = loss(net, a)
     out.mean().backward()
     assert torch.isfinite(out).all() and "perceptual" in loss.last_stats
-    assert loss.state_dict() == {}
+    assert all(not p.requires_grad and p.grad is None for p in loss.perceptual.parameters())
 
 
 def test_lpips_loading_errors_name_file_and_key(tmp_path):
@@ -462,7 +532,7 @@ def test_lpips_loading_errors_name_file_and_key(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"vgg\.pth"):
         LPIPS.from_spec(tmp_path)
     with pytest.raises(ConfigError, match="lpips_weights"):
-        DecoderLoss(TinyEncoder(), perceptual="lpips")
+        DecoderObjectiveOptions(perceptual="lpips")
 
 
 def _save_tiny_dino(path) -> DinoViT:
@@ -493,17 +563,15 @@ def test_dino_discriminator_from_a_local_file(tmp_path):
     assert len(maps) == 5 and all(m.shape == (2, 16, 64) for m in maps)
     torch.testing.assert_close(maps[0], maps[-1])  # the final output and block 11 coincide
 
-    loss = DecoderLoss(TinyEncoder(), noise_tau=0.0, discriminator="dino", dino_weights=str(path),
-                       gan_start_step=0, disc_start_step=0)
-    assert len(loss.discriminator.heads) == 5
-    net = tiny_decoder()
+    loss, player, net = build(discriminator="dino", dino_weights=str(path))
+    assert len(player.module) == 5
     out = loss(net, images())  # 16 px reconstructions are resized to the ViT's 32 px
     out.mean().backward()
     assert torch.isfinite(out).all() and "adaptive_weight" in loss.last_stats
-    stats = loss.discriminator_step(net, images(), 0)
-    assert math.isfinite(stats["disc_loss"])
-    keys = loss.state_dict()["discriminator"]
+    assert math.isfinite(Turns(player)(net, images(), 0)["loss"])
+    keys = player.module.state_dict()
     assert keys and not any(k.startswith(("vit", "blocks", "features")) for k in keys)
+    assert all(not p.requires_grad and p.grad is None for p in loss.discriminator.features.parameters())
 
 
 def test_dino_loading_errors_name_file_and_key(tmp_path):
@@ -518,27 +586,47 @@ def test_dino_loading_errors_name_file_and_key(tmp_path):
     with pytest.raises(CheckpointError, match=r"dino\.pth: missing key 'patch_embed\.proj\.weight'"):
         DinoViT.from_file(path)
     with pytest.raises(ConfigError, match="dino_weights"):
-        DecoderLoss(TinyEncoder(), discriminator="dino")
+        DecoderObjectiveOptions(discriminator="dino")
     _save_tiny_dino(path)
     with pytest.raises(ConfigError, match="outside"):
-        DecoderLoss(TinyEncoder(), discriminator="dino", dino_weights=str(path), disc_layers=(12,))
+        build(discriminator="dino", dino_weights=str(path), disc_layers=(12,))
+
+
+#################################################################################
+#                                  Options                                      #
+#################################################################################
 
 
 @pytest.mark.parametrize(
     "options, match",
     [
-        (dict(noise_dist="gauss"), "noise_dist"),
         (dict(perceptual="vgg"), "perceptual"),
         (dict(discriminator="stylegan"), "discriminator"),
         (dict(gan_weight=-1.0), "gan_weight"),
-        (dict(noise_tau=float("nan")), "noise_tau"),
+        (dict(disc_lr=float("nan")), "disc_lr"),
         (dict(diffaug_prob=2.0), "diffaug_prob"),
         (dict(disc_kernel_size=4), "disc_kernel_size"),
     ],
 )
 def test_bad_options_are_named(options, match):
     with pytest.raises(ConfigError, match=match):
-        DecoderLoss(TinyEncoder(), **options)
+        DecoderObjectiveOptions(**options)
+    with pytest.raises(ConfigError, match=f"objective.*{match}"):
+        from_dict(DecoderObjectiveOptions, options, "objective")
+
+
+def test_options_read_from_a_config_section():
+    options = from_dict(DecoderObjectiveOptions, {"disc_betas": [0.5, 0.99], "disc_layers": [1, 3], "gan_weight": 1,
+                                                  "lpips_weights": ["a.pth", "b.pth"]}, "objective")
+    assert options.disc_betas == (0.5, 0.99) and options.disc_layers == (1, 3) and options.gan_weight == 1.0
+    assert options.lpips_weights == ["a.pth", "b.pth"]
+    # The token noise is the RAE's (rae.noise_tau / rae.noise_dist), not an objective option.
+    with pytest.raises(ConfigError, match="objective.noise_tau"):
+        from_dict(DecoderObjectiveOptions, {"noise_tau": 0.8}, "objective")
+    with pytest.raises(ValueError, match="noise_dist"):
+        RAE(TinyEncoder(), noise_dist="gauss")
+    with pytest.raises(ValueError, match="noise_tau"):
+        RAE(TinyEncoder(), noise_tau=float("nan"))
 
 
 #################################################################################
@@ -547,13 +635,13 @@ def test_bad_options_are_named(options, match):
 
 
 def test_training_reduces_the_reconstruction_error():
-    loss = DecoderLoss(TinyEncoder(), noise_tau=0.8, gan_start_step=10, disc_start_step=5)
-    net, x = tiny_decoder(randomize=False), images(4)
+    loss, player, net = build(tiny_decoder(randomize=False), noise_tau=0.8, gan_start_step=10, disc_start_step=5)
+    turns, x = Turns(player), images(4)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
 
     def l1() -> float:
         with torch.no_grad():
-            return float((RAE(loss.encoder, net).eval()(x) - x).abs().mean())
+            return float((RAE(loss.rae.encoder, net).eval()(x) - x).abs().mean())
 
     start = l1()
     for step in range(20):
@@ -561,7 +649,7 @@ def test_training_reduces_the_reconstruction_error():
         opt.zero_grad(set_to_none=True)
         out.backward()
         opt.step()
-        stats = loss.discriminator_step(net, x, step)
+        stats = turns(net, x, step)
         assert (stats != {}) == (step >= 5)
     assert "gan" in loss.last_stats
     assert l1() < 0.8 * start
@@ -576,20 +664,29 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from mfrae.distributed import DistInfo, average_gradients, broadcast_module
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        info = DistInfo(rank=rank, world_size=world)
         torch.manual_seed(0)
         net = tiny_decoder()
         torch.manual_seed(100 + rank)  # ranks build different heads: rank 0's must win
-        loss = DecoderLoss(TinyEncoder(), noise_tau=0.0, diffaug=False, gan_start_step=0, disc_start_step=0)
+        loss, player, _ = build(net, diffaug=False)
+        broadcast_module(player.module, info)  # what the engine does when training starts
         x = images(4)[2 * rank : 2 * rank + 2]
         ddp = DistributedDataParallel(net)
         out = loss(ddp, x, None, 0).mean()
         out.backward()  # DDP averages the decoder gradients; autograd.grad for lambda did not disturb it
-        stats = loss.discriminator_step(ddp, x, 0)
-        disc_grads = [p.grad for p in loss.discriminator.heads.parameters()]  # kept until the next step
-        result = {"heads": heads_state(loss), "disc_grads": disc_grads, "stats": stats,
-                  "grad": net.decoder_pred.weight.grad}
+        turns = Turns(player)
+        player.module.requires_grad_(True)  # one engine turn, with its gradient average
+        disc_loss, _ = player.loss(net, x, 0)
+        disc_loss.backward()
+        average_gradients(list(player.module.parameters()), info)
+        turns.optimizer.step()
+        player.module.requires_grad_(False)
+        disc_grads = [p.grad for p in player.module.parameters()]
+        result = {"heads": heads_state(player), "disc_grads": disc_grads, "grad": net.decoder_pred.weight.grad}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -610,10 +707,10 @@ def test_discriminator_gradients_are_averaged_across_ranks(tmp_path):
     torch.manual_seed(0)
     net = tiny_decoder()
     torch.manual_seed(100)
-    loss = DecoderLoss(TinyEncoder(), noise_tau=0.0, diffaug=False, gan_start_step=0, disc_start_step=0)
+    loss, player, _ = build(net, diffaug=False)
     loss(net, images(4)[:2], None, 0)  # the same power iteration as the ranks' generator pass
-    loss.discriminator_step(net, images(4), 0)
-    for g, g0 in zip((p.grad for p in loss.discriminator.heads.parameters()), r0["disc_grads"]):
+    Turns(player)(net, images(4), 0)
+    for g, g0 in zip((p.grad for p in player.module.parameters()), r0["disc_grads"]):
         torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-7)
-    for k, v in heads_state(loss).items():  # Adam's first step is about +-lr wherever |grad| >> eps
+    for k, v in heads_state(player).items():  # Adam's first step is about +-lr wherever |grad| >> eps
         torch.testing.assert_close(v, r0["heads"][k], rtol=0, atol=1e-4)

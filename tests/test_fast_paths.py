@@ -22,7 +22,13 @@ import torch
 from conftest import randomize_
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mfrae.flow.objectives import FlowMatchingLoss, MeanFlowLoss, finite_difference_derivative, jvp_with_primal
+from mfrae.flow.objectives import (
+    FlowMatchingLoss,
+    GapRows,
+    MeanFlowLoss,
+    finite_difference_derivative,
+    jvp_with_primal,
+)
 from mfrae.layers import RMSNorm
 from mfrae.models.dit_dh import DiTDH, DiTDHConfig
 from mfrae.models.vit_decoder import ViTDecoder, ViTDecoderConfig
@@ -289,7 +295,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
     DiT^DH activation checkpointing; and the ViT decoder's reconstruction gradient."""
     net = _student(0.1).train()
     x, y = torch.randn(8, 8, 4, 4), torch.randint(0, 10, (8,))
-    objective = MeanFlowLoss(fraction_r_neq_t=0.5)
+    objective = MeanFlowLoss(fraction_r_neq_t=0.5, null_class=10)
     grads, losses = [], []
     for flag in (False, True):
         net.grad_checkpointing = flag
@@ -346,16 +352,16 @@ def test_flow_matching_step_has_no_host_sync():
     """Objective + backward + gradient-norm + EMA of a flow-matching step force no host-device sync.
     (The optimizer is left out: on CPU AdamW keeps its step counters on the host and reads them, which is
     not a device sync; on CUDA the engine uses fused AdamW, whose counters live on the device.)"""
-    assert _sync_ops_in_step(FlowMatchingLoss()) == []
+    assert _sync_ops_in_step(FlowMatchingLoss(null_class=10)) == []
 
 
 def test_meanflow_finite_difference_step_has_no_host_sync_with_the_prefix_layout():
-    assert _sync_ops_in_step(MeanFlowLoss(fraction_r_neq_t=0.25, r_neq_t_layout="prefix")) == []
+    assert _sync_ops_in_step(MeanFlowLoss(fraction_r_neq_t=0.25, r_neq_t_layout="prefix", null_class=10)) == []
 
 
 def test_meanflow_random_layout_finds_its_rows_with_one_sync():
     # The iid mask sizes the r != t subset from device data: this is what the prefix layout avoids.
-    assert "nonzero" in " ".join(_sync_ops_in_step(MeanFlowLoss(fraction_r_neq_t=0.25)))
+    assert "nonzero" in " ".join(_sync_ops_in_step(MeanFlowLoss(fraction_r_neq_t=0.25, null_class=10)))
 
 
 @pytest.mark.parametrize("derivative", ["finite_difference", "jvp"])
@@ -363,14 +369,14 @@ def test_prefix_layout_gives_the_targets_of_the_row_search(derivative):
     """Static slices (prefix layout) and rows found from the data compute the same prediction and target."""
     torch.manual_seed(0)
     net = _student(0.1).eval()
-    loss = MeanFlowLoss(derivative=derivative)
+    loss = MeanFlowLoss(derivative=derivative, null_class=10)
     z, v = torch.randn(6, 8, 4, 4), torch.randn(6, 8, 4, 4)
     y = torch.randint(0, 10, (6,))
     t = torch.rand(6) * 0.5 + 0.5
     r = t.clone()
     r[:2] = t[:2] - 0.3  # the r != t rows lead the batch
-    u_slices, target_slices = loss.prediction_and_target(net, z, t, r, y, v, num_gap=2)
-    u_found, target_found = loss.prediction_and_target(net, z, t, r, y, v)
+    u_slices, target_slices = loss.prediction_and_target(net, z, t, r, y, v, rows=GapRows.leading(6, 2))
+    u_found, target_found = loss.prediction_and_target(net, z, t, r, y, v)  # this loss's layout: "random"
     assert torch.allclose(u_slices, u_found, atol=1e-6) and torch.allclose(target_slices, target_found, atol=1e-5)
     assert torch.equal(target_slices[2:], v[2:])  # r = t rows: the target is the velocity itself
 

@@ -1,4 +1,4 @@
-"""FLOP and parameter accounting reproduces the papers' per-image figures (RAE spec sections 4.4, 6.7, 9)."""
+"""FLOP and parameter accounting reproduces the papers' per-image figures (docs/checkpoints.md, sections 8-9)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_imagenet256_xl_matches_papers():
     one = cost_report("imagenet256-xl", steps=1, meanflow=False)
     assert _close(one.backbone_gmacs, 156.8) and _close(one.decoder_gmacs, 106.6)
     assert _close(one.total_gmacs, 263) and _close(cost_report("imagenet256-xl", steps=2).total_gmacs, 420)
-    # true FLOPs include attention: 161.58 and 110.82 GMACs with attention, x2 (spec 9 / 12.7)
+    # true FLOPs include attention: 161.58 and 110.82 GMACs with attention, x2 (docs/checkpoints.md, section 9)
     assert _close(one.backbone_gflops_true, 323.16) and _close(one.decoder_gflops_true, 221.65)
     assert one.backbone_params == 838_675_796 and one.decoder_trainable_params == 415_056_640
 

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from mfrae.cli import main
 from mfrae.data import DigitsDataset
+from mfrae.data.common import stack_dataset
 from mfrae.errors import CheckpointError
 from mfrae.eval.features import FeatureOptions, build_feature_extractor
 from mfrae.eval.judge import (
@@ -24,7 +25,6 @@ from mfrae.eval.judge import (
     train_judge,
 )
 from mfrae.eval.samples import from_uint8_nhwc, save_adm_npz, to_uint8_nhwc
-from mfrae.models.small_encoder import stack_dataset
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ def _counts(model):
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params), len(model.state_dict())
 
 
-# (trainable, all parameters, state-dict entries) measured on the official classes (RAE spec 12.3).
+# (trainable, all parameters, state-dict entries) measured on the official classes (docs/checkpoints.md, section 8).
 @pytest.mark.parametrize(
     "size,input_size,meanflow,trainable,total,entries",
     [
@@ -63,7 +63,7 @@ def test_swiglu_widths():
 
 
 def test_rope_angles_closed_form():
-    # grid 3, head dim 8: token (row 1, col 2) has angles [1, 1, .01, .01, 2, 2, .02, .02] (RAE spec 12.6)
+    # grid 3, head dim 8: token (row 1, col 2) has angles [1, 1, .01, .01, 2, 2, .02, .02] (docs/checkpoints.md, 6)
     rope = RotaryEmbedding2D(head_dim=8, grid_size=3)
     angles = torch.atan2(rope.freqs_sin[1 * 3 + 2], rope.freqs_cos[1 * 3 + 2])
     assert torch.allclose(angles, torch.tensor([1, 1, 0.01, 0.01, 2, 2, 0.02, 0.02]), atol=1e-6)
@@ -77,7 +77,7 @@ def test_rope_angles_closed_form():
 
 
 def test_sincos_table_closed_form():
-    # token (row 0, col 1), D = 8: [sin 1, sin .01, cos 1, cos .01, 0, 0, 1, 1] (RAE spec 12.6)
+    # token (row 0, col 1), D = 8: [sin 1, sin .01, cos 1, cos .01, 0, 0, 1, 1] (docs/checkpoints.md, section 6)
     row = sincos_2d(8, 3)[1]
     expected = torch.tensor([math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01), 0, 0, 1, 1])
     assert torch.allclose(row, expected, atol=1e-6)

@@ -20,10 +20,11 @@ from mfrae.flow.objectives import (
     drop_labels,
     finite_difference_derivative,
     jvp_with_primal,
-    meanflow_time_derivative,
+    meanflow_target,
+    mixed_velocity,
     trajectory_pairs,
 )
-from mfrae.flow.paths import PairSampler, TimeDistribution, interpolate
+from mfrae.flow.paths import PairSampler, TimeDistribution, interpolate, one_point_velocity
 from mfrae.flow.samplers import ode_grid
 from mfrae.flow.toy import GaussianMixture, MixtureOracle, ToyMeanFlowNet
 from mfrae.models.dit_dh import DiTDH, DiTDHConfig
@@ -85,21 +86,21 @@ def test_oracle_average_velocity_is_a_fixed_point_of_the_mfd_target(mixture, der
     t, r = loss_fn.pairs.sample(n)
     y = torch.full((n,), mixture.null_class)
     z = interpolate(x, e, t)
-    v = loss_fn.mixed_velocity(x, e, z, t, y)
+    v = mixed_velocity(one_point_velocity(x, e), loss_fn.teacher_velocity(z, t, y), loss_fn.teacher_mix)
     u, target = loss_fn.prediction_and_target(oracle, z, t, r, y, v)
     gap = r != t
     rel = float((u[gap] - target[gap]).norm() / u[gap].norm())
     # central difference: O(d^2) ~ 1e-4; JVP: exact up to the RK4 error of h
     assert rel < (1e-3 if "finite" in derivative else 1e-6), f"{derivative}: relative error {rel:.2e}"
     # the identity is not trivial: the correction term is of the same size as u
-    dhdt = meanflow_time_derivative(oracle, z[gap], t[gap], r[gap], y[gap], v[gap], "jvp")
+    with torch.no_grad():
+        _, dhdt = jvp_with_primal(oracle, z[gap], t[gap], r[gap], y[gap], v[gap])
     correction = (t - r)[gap, None].double() * dhdt
     assert float(correction.norm() / u[gap].norm()) > 0.1
     # and the whole objective gives ~0 loss for the oracle, but not for a perturbed oracle
     torch.manual_seed(1)
     assert float(loss_fn(oracle, x, y).max()) < 1e-3
     perturbed = lambda zz, tt, yy, r=None: oracle(zz, tt, yy, r=r) + 0.3  # noqa: E731
-    perturbed.null_class = mixture.null_class
     torch.manual_seed(1)
     assert float(loss_fn(perturbed, x, y).min()) > 0.5
 
@@ -112,7 +113,7 @@ def test_r_equal_t_rows_target_is_w_exactly():
     r = torch.where(torch.arange(6) % 2 == 0, t, t * 0.5)
     y = torch.randint(0, 10, (6,))
     for derivative in ("finite_difference", "jvp", "finite_difference_fused"):
-        loss_fn = MeanFlowLoss(time=UNIFORM, derivative=derivative)
+        loss_fn = MeanFlowLoss(time=UNIFORM, derivative=derivative, null_class=10)
         u, target = loss_fn.prediction_and_target(model, z, t, r, y, w)
         assert torch.equal(target[0::2], w[0::2]), derivative
         assert not torch.equal(target[1::2], w[1::2]), derivative
@@ -123,6 +124,45 @@ def test_r_equal_t_rows_target_is_w_exactly():
         torch.testing.assert_close(u_eq, model(z, t, y), atol=2e-5, rtol=1e-4)
         u_gap, _ = loss_fn.prediction_and_target(model, z, t, t * 0.3, y, w)
         torch.testing.assert_close(u_gap, model(z, t, y, r=t * 0.3), atol=2e-5, rtol=1e-4)
+
+
+def test_meanflow_target_is_the_meanflow_identity():
+    """u = v - (t - r) du/dt for two average-velocity fields known in closed form, so meanflow_target(v, du/dt)
+    returns u itself (and carries no gradient)."""
+    torch.manual_seed(0)
+    n = 64
+    t = torch.rand(n, dtype=torch.float64)
+    r = t * torch.rand(n, dtype=torch.float64)
+    h = (t - r)[:, None]
+    # (a) z-independent velocity v(t) = a + 2 b t: u(r, t) = a + b (t + r), du/dt = b (r fixed)
+    a, b = torch.randn(n, 3, dtype=torch.float64), torch.randn(n, 3, dtype=torch.float64)
+    v, u = a + 2 * b * t[:, None], a + b * (t + r)[:, None]
+    torch.testing.assert_close(meanflow_target(v, b, t, r), u, rtol=1e-12, atol=1e-12)
+    # (b) the linear ODE dz/dt = k z: z_r = z_t exp(-k (t - r)), so u = z g(t - r), g(h) = (1 - exp(-k h)) / h, and
+    # du/dt along (dz, dr, dt) = (k z, 0, 1) is k z g + z g'(h), with h g'(h) = k exp(-k h) - g(h)
+    k = 1.7
+    z = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
+    g = (1 - torch.exp(-k * h)) / h
+    dg = (k * torch.exp(-k * h) - g) / h
+    target = meanflow_target(k * z, k * z * g + z * dg, t, r)
+    torch.testing.assert_close(target, z * g, rtol=1e-12, atol=1e-12)
+    assert not target.requires_grad  # stop-gradient
+    # at r = t the correction vanishes: the target is the velocity
+    assert torch.equal(meanflow_target(v, b, t, t), v)
+
+
+def test_mixed_velocity_interpolates_between_the_one_point_and_the_teacher_velocity():
+    one_point, teacher = torch.randn(4, 3), torch.randn(4, 3)
+    assert mixed_velocity(one_point, None, 0.0) is one_point  # MFT: the teacher is not needed
+    assert mixed_velocity(one_point, teacher, 1.0) is teacher  # MFD
+    torch.testing.assert_close(mixed_velocity(one_point, teacher, 0.25), 0.75 * one_point + 0.25 * teacher)
+    # the objective calls its teacher only when the mix needs it
+    teacher_net = RecordingTeacher(ToyMeanFlowNet(num_classes=3, interval_embedding=False))
+    z, t, y = torch.randn(4, 2), torch.rand(4), torch.zeros(4, dtype=torch.long)
+    assert MeanFlowLoss(teacher_net, teacher_mix=0.0, label_dropout=0.0).teacher_velocity(z, t, y) is None
+    assert teacher_net.calls == []
+    v = MeanFlowLoss(teacher_net, label_dropout=0.0).teacher_velocity(z, t, y)  # teacher_mix defaults to 1
+    torch.testing.assert_close(v, teacher_net.model(z, t, y))
 
 
 # ----------------------------------------------------------------------------------- (2) FD vs JVP on DiT^DH
@@ -136,8 +176,9 @@ def test_finite_difference_matches_jvp_on_dit_dh():
     t = torch.rand(n) * 0.8 + 0.2
     r = t * torch.rand(n)
     y = torch.randint(0, 11, (n,))
-    exact = meanflow_time_derivative(model, z, t, r, y, w, "jvp")
-    approx = meanflow_time_derivative(model, z, t, r, y, w, "finite_difference", 5e-3)
+    with torch.no_grad():
+        _, exact = jvp_with_primal(model, z, t, r, y, w)
+    approx = finite_difference_derivative(model, z, t, r, y, w, 5e-3)
     rel = float((approx - exact).norm() / exact.norm())
     print(f"\nDiT^DH du/dt: relative error finite difference (step 5e-3) vs JVP = {rel:.2e}")
     assert float(exact.norm()) > 1e-2, "derivative is trivially small: the randomised layers did not take"
@@ -157,7 +198,8 @@ def test_finite_difference_matches_jvp_on_dit_dh():
     losses = {}
     for derivative in ("finite_difference", "jvp", "finite_difference_fused"):
         torch.manual_seed(3)
-        losses[derivative] = MeanFlowLoss(time=UNIFORM, fraction_r_neq_t=0.5, derivative=derivative)(model, z, y)
+        losses[derivative] = MeanFlowLoss(time=UNIFORM, fraction_r_neq_t=0.5, derivative=derivative,
+                                          null_class=10)(model, z, y)
     torch.testing.assert_close(losses["finite_difference"], losses["finite_difference_fused"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(losses["finite_difference"], losses["jvp"], atol=1e-3, rtol=2e-2)
 
@@ -183,7 +225,7 @@ def test_finite_difference_runs_without_autograd_and_teacher_is_frozen():
 def test_label_dropout_happens_once_per_sample():
     student = Recorder(ToyMeanFlowNet(num_classes=10))
     teacher = RecordingTeacher(ToyMeanFlowNet(num_classes=10, interval_embedding=False))
-    loss_fn = MeanFlowLoss(teacher, time=UNIFORM, fraction_r_neq_t=0.5, label_dropout=0.1)
+    loss_fn = MeanFlowLoss(teacher, time=UNIFORM, fraction_r_neq_t=0.5, label_dropout=0.1, null_class=10)
     n = 20_000
     torch.manual_seed(0)
     y = torch.randint(0, 10, (n,))
@@ -200,7 +242,8 @@ def test_label_dropout_happens_once_per_sample():
     assert torch.equal(stencil["y"], torch.cat([y_seen[gap], y_seen[gap]]))  # the stencil sees the same labels
     assert torch.equal(teacher.calls[0]["y"], y_seen)  # and so does the teacher
     # the same holds for the other objectives
-    for objective in (FlowMatchingLoss(label_dropout=0.1), CMTLoss(teacher, label_dropout=0.1, pairs_per_trajectory=2)):
+    for objective in (FlowMatchingLoss(label_dropout=0.1, null_class=10),
+                      CMTLoss(teacher, label_dropout=0.1, pairs_per_trajectory=2, null_class=10)):
         rec = Recorder(ToyMeanFlowNet(num_classes=10, interval_embedding=isinstance(objective, CMTLoss)))
         with torch.no_grad():
             objective(rec, torch.randn(4000, 2), torch.randint(0, 10, (4000,)))
@@ -239,7 +282,7 @@ def test_training_guidance_target():
 
     net = Const()
     g = TrainingGuidance(omega=0.2, kappa=0.9 - 0.2 + 0.0, t_min=0.0, t_max=0.5)
-    loss_fn = MeanFlowLoss(time=UNIFORM, guidance=g)
+    loss_fn = MeanFlowLoss(time=UNIFORM, guidance=g, null_class=Const.null_class)
     w = torch.full((4, 2), 3.0)
     t = torch.tensor([0.1, 0.5, 0.9, 0.3])
     y = torch.tensor([2, 2, 2, 5])  # last row dropped to the null class
@@ -257,8 +300,9 @@ def test_training_guidance_target():
 
 def test_progressive_weights_average_to_one_and_end_at_one():
     schedule = ImprovedSchedule(total_steps=1000, alpha="min_snr")
-    loss_fn = MeanFlowLoss(time=TimeDistribution.logit_normal(-0.4, 1.0), schedule=schedule)
-    assert loss_fn.gap_lambda == pytest.approx(1.3046, abs=1e-3)  # meanflow_spec 1.4
+    loss_fn = MeanFlowLoss(time=TimeDistribution.logit_normal(-0.4, 1.0), schedule=schedule, label_dropout=0.0)
+    # lambda = 1 / E[1 - dt] = 1 / (1 - 0.2333) under MeanFlow's pair sampler (arXiv 2511.19065 quotes 1.3046)
+    assert loss_fn.beta_scale == pytest.approx(1.3046, abs=1e-3)
     torch.manual_seed(0)
     t, r = loss_fn.pairs.sample(400_000)
     gap = r != t
@@ -266,14 +310,15 @@ def test_progressive_weights_average_to_one_and_end_at_one():
     assert float(w0[gap].mean()) == pytest.approx(1.0, abs=0.005)  # beta at s = 1
     assert float(w0[~gap].mean()) == pytest.approx(1.0, abs=0.005)  # alpha normalised over the r = t rows
     # at s = 1, beta = lambda (1 - dt): 0 for dt = 1, lambda for dt -> 0
-    torch.testing.assert_close(w0[gap], loss_fn.gap_lambda * (1 - (t - r)[gap]))
+    torch.testing.assert_close(w0[gap], loss_fn.beta_scale * (1 - (t - r)[gap]))
     w_end = loss_fn.row_weights(t, r, step=1000)
     assert torch.equal(w_end[gap], torch.ones(int(gap.sum())))
     assert torch.equal(loss_fn.row_weights(t, r, step=5000), w_end)  # clamped past the horizon
     assert schedule.progress(0) == 1.0 and schedule.progress(500) == pytest.approx(0.5)
     assert ImprovedSchedule(1000, k=2.0).progress(500) == pytest.approx(0.75)
     # with the shift the calibration follows the shifted distribution
-    shifted = MeanFlowLoss(time=TimeDistribution.logit_normal(-0.4, 1.0), shift=math.sqrt(48), schedule=schedule)
+    shifted = MeanFlowLoss(time=TimeDistribution.logit_normal(-0.4, 1.0), shift=math.sqrt(48), schedule=schedule,
+                           label_dropout=0.0)
     t, r = shifted.pairs.sample(400_000)
     w_shifted = shifted.row_weights(t, r, 0)
     assert float(w_shifted[r != t].mean()) == pytest.approx(1.0, abs=0.005)
@@ -339,7 +384,7 @@ def test_cmt_loss_uses_euler_teacher_trajectories_and_labels(mixture):
     # nominal labelling (official QUIRK): state k is labelled 1 - k/15, the target divided by the nominal gap
     nominal = CMTLoss(mixture, shift=2.0, time_labels="nominal", label_dropout=0.0, pairs_per_trajectory=50)
     torch.manual_seed(1)
-    p = nominal.pairs(Recorder(ToyMeanFlowNet(num_classes=6)), torch.zeros(4, 2), y[:4])
+    p = nominal.pairs(torch.zeros(4, 2), y[:4])
     k_t, k_r = torch.round((1 - p.t.double()) * 15), torch.round((1 - p.r.double()) * 15)
     torch.testing.assert_close(p.t.double(), 1 - k_t / 15, atol=1e-7, rtol=0)
     assert bool(torch.all(k_r > k_t))
@@ -375,16 +420,38 @@ def test_flow_matching_loss_of_the_exact_velocity_is_the_closed_form_minimum():
 
 def test_objectives_reject_bad_options(mixture):
     with pytest.raises(ValueError, match="no teacher"):
-        MeanFlowLoss(teacher_weight=0.5)
+        MeanFlowLoss(teacher_mix=0.5)
     with pytest.raises(ValueError, match="derivative"):
         MeanFlowLoss(derivative="forward")
-    with pytest.raises(ValueError, match="teacher_weight"):
-        MeanFlowLoss(mixture, teacher_weight=1.5)
+    with pytest.raises(ValueError, match="teacher_mix"):
+        MeanFlowLoss(mixture, teacher_mix=1.5)
     with pytest.raises(ValueError, match="shape"):
-        MeanFlowLoss()(ToyMeanFlowNet(), torch.randn(4, 2), torch.zeros(3, dtype=torch.long))
+        MeanFlowLoss(label_dropout=0.0)(ToyMeanFlowNet(), torch.randn(4, 2), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="reduction"):
         FlowMatchingLoss(reduction="max")
     with pytest.raises(ValueError, match="step"):
         finite_difference_derivative(ToyMeanFlowNet(), torch.randn(2, 2), torch.rand(2), torch.rand(2),
                                      torch.zeros(2, dtype=torch.long), torch.randn(2, 2), step=0.0)
-    assert isinstance(MeanFlowLoss(mixture).pairs, PairSampler)
+    with pytest.raises(ValueError, match="fd_step"):
+        MeanFlowLoss(fd_step=0.0, label_dropout=0.0)
+    assert isinstance(MeanFlowLoss(mixture, null_class=mixture.null_class).pairs, PairSampler)
+
+
+def test_the_null_class_is_given_at_construction_when_labels_are_dropped_or_guided(mixture):
+    """Label dropout and guidance need the null label; the objectives take it at construction, not from the net."""
+    for make in (lambda **kw: FlowMatchingLoss(**kw), lambda **kw: CMTLoss(mixture, **kw),
+                 lambda **kw: MeanFlowLoss(**kw)):
+        with pytest.raises(ValueError, match="null_class"):
+            make()  # label_dropout = 0.1 by default
+        with pytest.raises(ValueError, match="non-negative integer"):
+            make(null_class=-1)
+        assert make(label_dropout=0.0).null_class is None
+        assert make(null_class=3).null_class == 3
+    with pytest.raises(ValueError, match="guidance"):
+        MeanFlowLoss(label_dropout=0.0, guidance=TrainingGuidance())
+    # the objective drops to its own null class, whatever the net is
+    rec = Recorder(ToyMeanFlowNet(num_classes=10, interval_embedding=False))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        FlowMatchingLoss(label_dropout=1.0, null_class=7)(rec, torch.randn(16, 2), torch.zeros(16, dtype=torch.long))
+    assert torch.equal(rec.calls[0]["y"], torch.full((16,), 7))

@@ -11,19 +11,20 @@ from scipy import special
 from mfrae.flow.paths import (
     PairSampler,
     TimeDistribution,
-    conditional_velocity,
     dimension_shift,
     interpolate,
+    one_point_velocity,
     time_shift,
 )
 from mfrae.flow.samplers import (
     autoguidance_velocity_fn,
     cfg_velocity_fn,
+    flow_matching_sample,
+    labelled_velocity_fn,
     meanflow_grid,
     meanflow_sample,
     ode_grid,
-    ode_sample,
-    sample_ode,
+    solve_ode,
 )
 from mfrae.flow.toy import GaussianMixture, MixtureOracle
 
@@ -53,7 +54,7 @@ def test_linear_path_endpoints_and_velocity():
     t = torch.rand(5)
     # the path is linear in t, so a finite difference of any step gives the velocity e - x exactly (up to fp)
     dz = (interpolate(x, e, t + 0.25) - interpolate(x, e, t)) / 0.25
-    torch.testing.assert_close(dz, conditional_velocity(x, e), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dz, one_point_velocity(x, e), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="shape"):
         interpolate(x, e, torch.rand(4))
     with pytest.raises(ValueError, match="shapes differ"):
@@ -69,7 +70,7 @@ def test_shift_endpoints_monotone_and_published_values():
         s = time_shift(t, a)
         assert s[0] == 0 and s[-1] == 1
         assert bool(torch.all(s[1:] > s[:-1])), f"shift {a} not strictly increasing"
-    # rae_spec 8.2 values at a = sqrt(48)
+    # the shifted times of the released RAE ImageNet-256 setup, a = sqrt(48)
     probe = torch.tensor([0.001, 0.25, 0.5, 0.75, 0.999], dtype=torch.float64)
     expected = torch.tensor([0.006887, 0.697831, 0.873868, 0.954096, 0.999856], dtype=torch.float64)
     torch.testing.assert_close(time_shift(probe, SHIFT_256), expected, atol=1e-6, rtol=0)
@@ -140,7 +141,7 @@ def test_pair_sampler_fraction_order_and_marginals():
 def test_expected_gap_closed_form_and_published_lambda():
     # two iid U[0, 1]: E|U1 - U2| = 1/3
     assert PairSampler(TimeDistribution.uniform()).expected_gap() == pytest.approx(1 / 3, abs=1e-9)
-    # MeanFlow's sampler lognorm(-0.4, 1): E[dt] ~ 0.2333, lambda ~ 1.3045 (meanflow_spec 1.4)
+    # MeanFlow's sampler lognorm(-0.4, 1): E[dt] ~ 0.2333, lambda ~ 1.3046 (as quoted for arXiv 2511.19065)
     mf = PairSampler(TimeDistribution.logit_normal(-0.4, 1.0))
     gap = mf.expected_gap()
     assert gap == pytest.approx(0.2333, abs=2e-4)
@@ -162,7 +163,7 @@ def test_ode_grid_reproduces_released_rae_grid():
         evaluations.append(float(t[0]))
         return torch.zeros_like(z)
 
-    ode_sample(recording_velocity, torch.zeros(2, 3), grid, "euler")
+    solve_ode(recording_velocity, torch.zeros(2, 3), grid, "euler")
     assert len(evaluations) == 49
     torch.testing.assert_close(torch.tensor(evaluations[:5], dtype=torch.float64),
                                torch.tensor([1.0, 0.997005, 0.993902, 0.990684, 0.987346], dtype=torch.float64),
@@ -177,7 +178,7 @@ def test_ode_grid_reproduces_released_rae_grid():
     assert float(g512[-1]) == pytest.approx(0.013681, abs=1e-6)
     # Heun: two evaluations per step
     evaluations.clear()
-    ode_sample(recording_velocity, torch.zeros(2, 3), grid, "heun")
+    solve_ode(recording_velocity, torch.zeros(2, 3), grid, "heun")
     assert len(evaluations) == 98
 
 
@@ -189,22 +190,26 @@ def test_ode_solvers_converge_at_their_order_to_the_exact_gaussian_flow():
     velocity = lambda zz, t: g.velocity(zz, t)  # noqa: E731
 
     def err(method, n):
-        return float((ode_sample(velocity, z, ode_grid(n, 1.0, 0.0), method) - exact).abs().max())
+        return float((solve_ode(velocity, z, ode_grid(n, 1.0, 0.0), method) - exact).abs().max())
 
     e_coarse, e_fine = err("euler", 33), err("euler", 65)
     assert 1.7 < e_coarse / e_fine < 2.3, (e_coarse, e_fine)  # first order
     h_coarse, h_fine = err("heun", 33), err("heun", 65)
     assert 3.4 < h_coarse / h_fine < 4.6, (h_coarse, h_fine)  # second order
     assert h_fine < 1e-3
+    # the model-level sampler is solve_ode of the labelled model on ode_grid
+    y = torch.full((256,), g.null_class)
+    sampled = flow_matching_sample(g, z, y, num_points=65, t_end=0.0, method="heun")
+    assert float((sampled - exact).abs().max()) == pytest.approx(h_fine, rel=1e-9)
     # the oracle's RK4 integrator matches the closed form
     torch.testing.assert_close(g.flow(z, 1.0, 0.0, num_steps=100), exact, atol=1e-8, rtol=0)
 
 
-def test_ode_sample_rejects_bad_grids():
+def test_solve_ode_rejects_bad_grids():
     with pytest.raises(ValueError, match="strictly decreasing"):
-        ode_sample(lambda z, t: z, torch.zeros(1, 2), [0.0, 1.0])
+        solve_ode(lambda z, t: z, torch.zeros(1, 2), [0.0, 1.0])
     with pytest.raises(ValueError, match="unknown ODE method"):
-        ode_sample(lambda z, t: z, torch.zeros(1, 2), [1.0, 0.0], "rk45")
+        solve_ode(lambda z, t: z, torch.zeros(1, 2), [1.0, 0.0], "rk45")
     with pytest.raises(ValueError, match="at least 2"):
         ode_grid(1)
 
@@ -239,10 +244,12 @@ def test_classifier_free_guidance_formula_and_interval():
     torch.testing.assert_close(outside[:, 0], torch.tensor([2.0, 5.0]))
     mixed = v(z, torch.tensor([0.5, 0.9]))
     torch.testing.assert_close(mixed[:, 0], torch.tensor([9 + 3 * (2 - 9.0), 5.0]))
-    # scale 1 is plain conditional sampling, one call of B rows
+    # scale 1 is the labelled model itself, one call of B rows
     model.calls.clear()
-    cfg_velocity_fn(model, y, 1.0)(z, torch.tensor([0.5, 0.5]))
+    plain = cfg_velocity_fn(model, y, 1.0)(z, torch.tensor([0.5, 0.5]))
     assert model.calls == [2]
+    torch.testing.assert_close(plain, labelled_velocity_fn(model, y)(z, torch.tensor([0.5, 0.5])))
+    torch.testing.assert_close(plain[:, 0], torch.tensor([2.0, 5.0]))
 
 
 def test_autoguidance_formula():
@@ -253,7 +260,7 @@ def test_autoguidance_formula():
     # row 0: weak + 1.5 (main - weak) = 3 + 1.5 * (2 - 3); row 1 outside the interval: main = 5
     torch.testing.assert_close(v[:, 0], torch.tensor([3 + 1.5 * (2 - 3.0), 5.0]))
     with pytest.raises(ValueError, match="either"):
-        sample_ode(main, torch.zeros(2, 1), y, cfg_scale=2.0, weak_model=weak)
+        flow_matching_sample(main, torch.zeros(2, 1), y, cfg_scale=2.0, weak_model=weak)
 
 
 # ----------------------------------------------------------------------------------- MeanFlow sampling

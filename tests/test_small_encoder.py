@@ -9,15 +9,11 @@ import pytest
 import torch
 
 from mfrae.data import DigitsDataset
+from mfrae.data.common import stack_dataset
+from mfrae.data.transforms import random_affine
 from mfrae.models.encoders import build_encoder
-from mfrae.models.small_encoder import (
-    SmallViTConfig,
-    nearest_class_mean_accuracy,
-    random_affine,
-    save_small_vit,
-    stack_dataset,
-    train_small_vit,
-)
+from mfrae.models.small_encoder import SmallViTConfig, save_small_vit
+from mfrae.train.small_encoder import nearest_class_mean_accuracy, train_small_vit
 
 
 @pytest.fixture(scope="module")

@@ -27,19 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mfrae.train.config import load_train_config
-    from mfrae.train.engine import init_distributed, shutdown_distributed
-    from mfrae.train.stages import build_data, build_rae_encoder
+    from mfrae.distributed import init_distributed, shutdown_distributed
+    from mfrae.pipeline import build_data, build_rae_encoder, load_pipeline_config
 
-    cfg = load_train_config("teacher", args.config, args.set)
-    options = dict(cfg.data.options)
-    options["random_flip"] = False  # flips are stored explicitly (--flip-both), never baked in at random
-    cfg.data.options = options
+    cfg = load_pipeline_config(args.config, args.set)
     info = init_distributed()
     try:
-        encoder = build_rae_encoder(cfg).to(info.device)
+        encoder = build_rae_encoder(cfg.rae).to(info.device)
         index = build_latent_cache(
-            build_data(cfg), lambda images: tokens_to_grid(encoder(images.to(info.device))).cpu(), args.out,
+            # Flips are stored explicitly (--flip-both), never baked in at random.
+            build_data(cfg.data, random_flip=False), lambda images: tokens_to_grid(encoder(images.to(info.device))).cpu(), args.out,
             shard_size=args.shard_size, batch_size=args.batch_size, flip_both=args.flip_both,
             encoder_name=encoder.name, encoder_fingerprint=encoder.fingerprint(), dtype=getattr(torch, args.dtype),
             num_workers=cfg.data.num_workers, rank=info.rank, world_size=info.world_size, progress=info.is_main,

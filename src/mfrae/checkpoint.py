@@ -9,6 +9,9 @@ Released files (`nyu-visionx/RAE-collections`, MF-RAE): torch pickles holding on
 Every load is strict: a missing, unexpected or mis-shaped key raises `CheckpointError` naming the file and
 listing the keys. The one sanctioned exception is loading a teacher into a MeanFlow student, which leaves the
 interval embedding `r_embedder.*` at its fresh initialisation (the official MF-RAE initialisation).
+The released files' key layouts, the container forms accepted, and where the official loaders differ from
+these (non-strict decoder loads, a decoder file without `trainable_cls_token`, the student's argument order)
+are described in docs/checkpoints.md.
 
 A file is named by a local path or by `hf://OWNER/REPO[@REVISION]/PATH/IN/REPO` (downloaded through
 `huggingface_hub` when it is installed and the Hub is reachable).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import types
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -264,3 +265,24 @@ __all__ = [
     "to_dict",
     "write_yaml",
 ]
+
+
+#################################################################################
+#                                   Presets                                     #
+#################################################################################
+
+
+def preset_names() -> list[str]:
+    """The bundled presets (`mfrae/configs/*.yaml`), by name."""
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("mfrae.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def read_preset(name_or_path: str) -> tuple[dict, str]:
+    """(mapping, where it came from) for a bundled preset name or a YAML file path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return read_yaml(path), str(path)
+    bundled = resources.files("mfrae.configs") / f"{name_or_path}.yaml"
+    if not bundled.is_file():
+        raise ConfigError(f"no config file or preset named {name_or_path!r}; presets: {', '.join(preset_names())}")
+    return read_yaml(Path(str(bundled))), f"preset {name_or_path}"

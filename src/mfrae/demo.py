@@ -22,10 +22,13 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from mfrae.checkpoint import load_dit_dh, load_latent_stats, load_vit_decoder
 from mfrae.data import DigitsDataset
@@ -33,7 +36,6 @@ from mfrae.flops import count_linear_macs, count_true_flops
 from mfrae.models.dit_dh import DiTDH
 from mfrae.models.rae import RAE
 from mfrae.models.small_encoder import SmallViTEncoder
-from mfrae.train.config import load_train_config
 from mfrae.train.runs import RunDir, resolve_weights
 
 log = logging.getLogger("mfrae")
@@ -74,15 +76,77 @@ STAGE_ORDER = ("encoder", "decoder", "teacher", "cmt", "mfd", "mft", "sampling",
 
 
 #################################################################################
+#                              Stage results                                    #
+#################################################################################
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A stage whose output is on disk: the file or run directory it wrote (or reused) and a summary line."""
+
+    path: Path
+    summary: str
+
+
+@dataclass(frozen=True)
+class SamplingResult:
+    """The generated images of every sampler, for the same requested classes."""
+
+    samples: dict[str, Tensor]  # sampler name -> images [N, 3, H, W] in [0, 1]
+    labels: Tensor  # the requested classes [N] (the same for every sampler)
+    speed: dict[str, float]  # sampler name -> images per second (sampling and decoding)
+    teacher_nfe: int
+
+    @property
+    def summary(self) -> str:
+        speed, n = self.speed, len(self.labels)
+        ratio = speed["mfd_1step"] / speed["teacher"]
+        return (f"{n} images per model; teacher {speed['teacher']:.0f} img/s ({self.teacher_nfe} NFE), "
+                f"1-step {speed['mfd_1step']:.0f} img/s ({ratio:.0f}x)")
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Judge metrics (`mfrae.eval.judge.judge_metrics`) of every image set against the real test split."""
+
+    floor: dict  # real training digits (as many as samples per model)
+    reconstruction: dict  # their RAE reconstructions
+    models: dict[str, dict]  # sampler name -> metrics of its samples
+    judge_test_accuracy: float  # the judge's accuracy on the test split itself
+    real_images: Tensor  # the real training digits of `floor`
+    reconstructions: Tensor  # and their reconstructions
+
+    @property
+    def summary(self) -> str:
+        m = self.models
+        return (f"FD floor {self.floor['fd']:.3g}, teacher {m['teacher']['fd']:.3g}, MFD 1-step "
+                f"{m['mfd_1step']['fd']:.3g}, 2-step {m['mfd_2step']['fd']:.3g}; class accuracy MFD 1-step "
+                f"{m['mfd_1step']['class_accuracy']:.3f}")
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    report: dict  # what report.json holds (less the totals `run` adds)
+    sampling: SamplingResult
+    evaluation: EvaluationResult
+
+
+#################################################################################
 #                                 Pipeline                                      #
 #################################################################################
 
 
+def _plans(teacher_nfe: int) -> dict[str, tuple[str, int]]:
+    """Sampler name -> (trained model, steps: ODE evaluations for the teacher, MeanFlow jumps otherwise)."""
+    return {"teacher": ("teacher", teacher_nfe), "cmt_1step": ("cmt", 1), "mfd_1step": ("mfd", 1),
+            "mfd_2step": ("mfd", 2), "mft_1step": ("mft", 1), "mft_2step": ("mft", 2)}
+
+
 class Demo:
+    """The stages, each a method returning its result; `run_all` runs them in order and passes the results on."""
+
     def __init__(self, out: Path, settings: DemoSettings, seed: int = 0):
         self.out, self.settings, self.seed = out, settings, seed
-        self.seconds: dict[str, float] = {}
-        self.summaries: dict[str, str] = {}
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -98,134 +162,115 @@ class Demo:
             f"train.seed={self.seed}",
         ]
 
-    def _stage(self, index: int, name: str, fn) -> None:
-        start = time.perf_counter()
-        summary = fn()
-        self.seconds[name] = time.perf_counter() - start
-        self.summaries[name] = summary
-        print(f"[{index}/{len(STAGE_ORDER) - 1}] {name:10s} {self.seconds[name]:7.1f} s  {summary}", flush=True)
-
-    def _train(self, stage: str, steps: int, extra: list[str] | None = None) -> str:
-        from mfrae.train.engine import train
+    def _train(self, stage: str, steps: int, init: StageResult | None = None) -> StageResult:
+        from mfrae.train.stages import load_stage_config, train_stage
 
         run = self.path(stage)
         overrides = [*self.common_overrides(), f"train.steps={steps}", *self.settings.overrides.get(stage, []),
-                     *(extra or [])]
-        cfg = load_train_config(stage, "digits", overrides)
+                     *([f"model.init={init.path}"] if init is not None else [])]
+        cfg = load_stage_config(stage, "digits", overrides)
         latest = RunDir(run).latest_checkpoint()
         if latest is not None and latest.name == f"step_{steps:08d}":
-            return f"reused {run}"
-        train(cfg, run, resume=latest is not None, command=["mfrae", "demo", stage])
+            return StageResult(run, f"reused {run}")
+        train_stage(cfg, run, resume=latest is not None, command=["mfrae", "demo", stage])
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return f"{steps} steps, final loss {records[-1]['loss']:.4g}"
+        return StageResult(run, f"{steps} steps, final loss {records[-1]['loss']:.4g}")
+
+    def run_all(self) -> DemoResult:
+        self.out.mkdir(parents=True, exist_ok=True)
+        s, seconds = self.settings, {}
+        encoder = _timed(seconds, "encoder", self.encoder)
+        _timed(seconds, "decoder", lambda: (self.decoder(), self.statistics(encoder)))
+        _timed(seconds, "teacher", lambda: self._train("teacher", s.teacher_steps))
+        cmt = _timed(seconds, "cmt", lambda: self._train("cmt", s.cmt_steps))
+        mfd = _timed(seconds, "mfd", lambda: self._train("mfd", s.mfd_steps, init=cmt))
+        _timed(seconds, "mft", lambda: self._train("mft", s.mft_steps, init=mfd))
+        sampling = _timed(seconds, "sampling", self.sampling)
+        evaluation = _timed(seconds, "evaluation", lambda: self.evaluation(sampling))
+        return DemoResult(self.report(sampling, evaluation, seconds), sampling, evaluation)
 
     # -- stages -----------------------------------------------------------------------------------
 
-    def encoder(self) -> str:
-        from mfrae.models.small_encoder import save_small_vit, train_small_vit
+    def encoder(self) -> StageResult:
+        from mfrae.models.small_encoder import save_small_vit
+        from mfrae.train.small_encoder import train_small_vit
 
         path = self.path("encoder.safetensors")
         if path.exists():
-            return f"reused {path}"
+            return StageResult(path, f"reused {path}")
         network, stats = train_small_vit(DigitsDataset(split="train"), steps=self.settings.encoder_steps, seed=self.seed)
         save_small_vit(network, path)
-        return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
+        return StageResult(path, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
 
-    def decoder(self) -> str:
+    def decoder(self) -> StageResult:
+        return self._train("decoder", self.settings.decoder_steps)
+
+    def statistics(self, encoder: StageResult) -> StageResult:
+        """The latent statistics of the encoder's tokens on the train split (`mfrae.stats`)."""
+        from mfrae.checkpoint import save_latent_stats
         from mfrae.stats import STATS_FILE, latent_statistics
 
-        summary = self._train("decoder", self.settings.decoder_steps)
-        stats_path = self.path("stats") / STATS_FILE
-        if not stats_path.exists():
-            from mfrae.checkpoint import save_latent_stats
-
-            stats = latent_statistics(self.encoder_module(), DigitsDataset(split="train"), batch_size=128)
-            save_latent_stats(stats, stats_path)
-        return summary + "; latent statistics written"
-
-    def encoder_module(self) -> SmallViTEncoder:
-        return SmallViTEncoder(path=str(self.path("encoder.safetensors")))
-
-    def run_all(self) -> dict:
-        self.out.mkdir(parents=True, exist_ok=True)
-        s = self.settings
-        self._stage(0, "encoder", self.encoder)
-        self._stage(1, "decoder", self.decoder)
-        self._stage(2, "teacher", lambda: self._train("teacher", s.teacher_steps))
-        self._stage(3, "cmt", lambda: self._train("cmt", s.cmt_steps))
-        self._stage(4, "mfd", lambda: self._train("mfd", s.mfd_steps, [f"model.init={self.path('cmt')}"]))
-        self._stage(5, "mft", lambda: self._train("mft", s.mft_steps, [f"model.init={self.path('mfd')}"]))
-        self._stage(6, "sampling", self.sampling)
-        self._stage(7, "evaluation", self.evaluation)
-        return self.report
-
-    # -- sampling and evaluation ------------------------------------------------------------------
+        path = self.path("stats") / STATS_FILE
+        if path.exists():
+            return StageResult(path.parent, "latent statistics reused")
+        stats = latent_statistics(SmallViTEncoder(path=str(encoder.path)), DigitsDataset(split="train"), batch_size=128)
+        save_latent_stats(stats, path)
+        return StageResult(path.parent, "latent statistics written")
 
     def models(self) -> dict[str, DiTDH]:
         return {name: load_dit_dh(resolve_weights(self.path(name))).eval() for name in ("teacher", "cmt", "mfd", "mft")}
 
     def rae(self) -> RAE:
         return RAE(
-            self.encoder_module(),
+            SmallViTEncoder(path=str(self.path("encoder.safetensors"))),
             load_vit_decoder(resolve_weights(self.path("decoder"))),
             load_latent_stats(resolve_weights(self.path("stats"))),
         ).eval()
 
-    def sampling(self) -> str:
+    def sampling(self) -> SamplingResult:
         from mfrae.sample import SampleSettings, generate
+        from mfrae.train.stages import load_stage_config
 
         s = self.settings
         rae, models = self.rae(), self.models()
         labels = torch.arange(s.num_samples) % 10
-        teacher_cfg = load_train_config("teacher", "digits", self.common_overrides())
-        shift = teacher_cfg.objective.get("shift", 1.0)
-        plans = {  # name: (model, steps)
-            "teacher": ("teacher", s.teacher_nfe),
-            "cmt_1step": ("cmt", 1),
-            "mfd_1step": ("mfd", 1),
-            "mfd_2step": ("mfd", 2),
-            "mft_1step": ("mft", 1),
-            "mft_2step": ("mft", 2),
-        }
-        self.samples: dict[str, torch.Tensor] = {}
-        self.speed: dict[str, float] = {}
-        for name, (model_name, steps) in plans.items():
+        # The teacher's ODE runs on the time grid it was trained with.
+        shift = load_stage_config("teacher", "digits", self.common_overrides()).objective.get("shift", 1.0)
+        samples: dict[str, Tensor] = {}
+        speed: dict[str, float] = {}
+        for name, (model_name, steps) in _plans(s.teacher_nfe).items():
             settings = SampleSettings(steps=steps, batch_size=250, shift=shift)
             start = time.perf_counter()
-            self.samples[name] = generate(models[model_name], rae, labels, settings, seed=self.seed + 1)
-            self.speed[name] = s.num_samples / (time.perf_counter() - start)
-        self.labels = labels
-        ratio = self.speed["mfd_1step"] / self.speed["teacher"]
-        return (f"{s.num_samples} images per model; teacher {self.speed['teacher']:.0f} img/s ({s.teacher_nfe} NFE), "
-                f"1-step {self.speed['mfd_1step']:.0f} img/s ({ratio:.0f}x)")
+            samples[name] = generate(models[model_name], rae, labels, settings, seed=self.seed + 1)
+            speed[name] = s.num_samples / (time.perf_counter() - start)
+        return SamplingResult(samples, labels, speed, s.teacher_nfe)
 
-    def evaluation(self) -> str:
+    def evaluation(self, sampling: SamplingResult) -> EvaluationResult:
         from mfrae.eval.judge import judge_metrics, judge_reference_stats, train_judge
 
         s = self.settings
         judge = train_judge(DigitsDataset(split="train"), steps=s.judge_steps, seed=self.seed)
-        test = DigitsDataset(split="test")
-        test_images, test_labels = _stack(test)
+        test_images, test_labels = _stack(DigitsDataset(split="test"))
         reference = judge_reference_stats(judge, test_images)  # the real test split
         train_images, train_labels = _stack(DigitsDataset(split="train"), s.num_samples)
         with torch.no_grad():
             rae = self.rae()
-            self.reconstructions = torch.cat([rae(train_images[i : i + 250]).clamp(0, 1) for i in range(0, len(train_images), 250)])
+            reconstructions = torch.cat([rae(train_images[i : i + 250]).clamp(0, 1) for i in range(0, len(train_images), 250)])
         # The floor: real training digits against the test split, the same sample size as the models.
-        floor = judge_metrics(judge, train_images, train_labels, reference)
-        recon = judge_metrics(judge, self.reconstructions, train_labels, reference)
-        metrics = {name: judge_metrics(judge, images, self.labels, reference) for name, images in self.samples.items()}
-        judge_accuracy = judge_metrics(judge, test_images, test_labels, reference)["class_accuracy"]
-        self.real_images = train_images
-        self.report = self._report(floor, recon, metrics, judge_accuracy)
-        r = self.report
-        return (f"FD floor {r['fd_floor']:.3g}, teacher {r['fd_teacher']:.3g}, MFD 1-step {r['fd_mfd_1step']:.3g}, "
-                f"2-step {r['fd_mfd_2step']:.3g}; class accuracy MFD 1-step {r['class_acc_mfd_1step']:.3f}")
+        return EvaluationResult(
+            floor=judge_metrics(judge, train_images, train_labels, reference),
+            reconstruction=judge_metrics(judge, reconstructions, train_labels, reference),
+            models={name: judge_metrics(judge, images, sampling.labels, reference) for name, images in sampling.samples.items()},
+            judge_test_accuracy=judge_metrics(judge, test_images, test_labels, reference)["class_accuracy"],
+            real_images=train_images,
+            reconstructions=reconstructions,
+        )
+
+    # -- report -----------------------------------------------------------------------------------
 
     def _costs(self) -> dict[str, float]:
         """Per-image GMACs (papers' convention) and true GFLOPs of the demo's backbone and decoder."""
-        models, rae = self.models(), self.rae()
-        mf, decoder = models["mfd"], rae.decoder
+        mf, decoder = self.models()["mfd"], self.rae().decoder
         x = torch.zeros(1, *mf.latent_shape)
         t, y = torch.ones(1), torch.zeros(1, dtype=torch.long)
         tokens = torch.zeros(1, decoder.config.num_patches, decoder.config.encoder_hidden_size)
@@ -236,64 +281,56 @@ class Demo:
             "decoder_gflops_true": count_true_flops(decoder, tokens) * 1e-9,
         }
 
-    def _report(self, floor: dict, recon: dict, metrics: dict, judge_accuracy: float) -> dict:
-        s = self.settings
+    def report(self, sampling: SamplingResult, evaluation: EvaluationResult, seconds: dict[str, float]) -> dict:
+        """The contents of report.json: quality (FD, class accuracy), speed and cost of every sampler."""
+        s, speed, metrics = self.settings, sampling.speed, evaluation.models
         costs = self._costs()
-        nfe = {"teacher": s.teacher_nfe, "cmt_1step": 1, "mfd_1step": 1, "mfd_2step": 2, "mft_1step": 1, "mft_2step": 2}
         table = [
             {
                 "model": name, "nfe": n,
                 "gflops_true": costs["decoder_gflops_true"] + n * costs["backbone_gflops_true"],
                 "gmacs": costs["decoder_gmacs"] + n * costs["backbone_gmacs"],
                 "fd": metrics[name]["fd"], "class_accuracy": metrics[name]["class_accuracy"],
-                "images_per_second": self.speed[name],
+                "images_per_second": speed[name],
             }
-            for name, n in nfe.items()
+            for name, (_, n) in _plans(s.teacher_nfe).items()
         ]
-        report = {
-            "fd_floor": floor["fd"],
-            "fd_reconstruction": recon["fd"],
-            "fd_teacher": metrics["teacher"]["fd"],
-            "fd_cmt_1step": metrics["cmt_1step"]["fd"],
-            "fd_mfd_1step": metrics["mfd_1step"]["fd"],
-            "fd_mfd_2step": metrics["mfd_2step"]["fd"],
-            "fd_mft_1step": metrics["mft_1step"]["fd"],
-            "fd_mft_2step": metrics["mft_2step"]["fd"],
-            "class_acc_teacher": metrics["teacher"]["class_accuracy"],
-            "class_acc_mfd_1step": metrics["mfd_1step"]["class_accuracy"],
-            "class_acc_mft_1step": metrics["mft_1step"]["class_accuracy"],
-            "class_acc_mfd_2step": metrics["mfd_2step"]["class_accuracy"],
-            "class_acc_real": floor["class_accuracy"],
-            "judge_test_accuracy": judge_accuracy,
+        return {
+            "fd_floor": evaluation.floor["fd"],
+            "fd_reconstruction": evaluation.reconstruction["fd"],
+            **{f"fd_{name}": metrics[name]["fd"] for name in _plans(s.teacher_nfe)},
+            **{f"class_acc_{name}": metrics[name]["class_accuracy"]
+               for name in ("teacher", "mfd_1step", "mft_1step", "mfd_2step")},
+            "class_acc_real": evaluation.floor["class_accuracy"],
+            "judge_test_accuracy": evaluation.judge_test_accuracy,
             "teacher_nfe": s.teacher_nfe,
             "num_samples": s.num_samples,
-            "images_per_second": {
-                "teacher": self.speed["teacher"], "1step": self.speed["mfd_1step"], "2step": self.speed["mfd_2step"],
-            },
-            "speedup_1step_vs_teacher": self.speed["mfd_1step"] / self.speed["teacher"],
+            "images_per_second": {"teacher": speed["teacher"], "1step": speed["mfd_1step"], "2step": speed["mfd_2step"]},
+            "speedup_1step_vs_teacher": speed["mfd_1step"] / speed["teacher"],
             "costs_per_image": costs,
             "quality_vs_nfe": table,
-            "seconds_per_stage": dict(self.seconds),
+            "seconds_per_stage": dict(seconds),
             "encoder": "small ViT trained on the digits (stands in for DINOv2, whose weights cannot be downloaded here)",
         }
-        return report
 
-    def write_report(self, report: dict) -> Path:
+    def write_report(self, report: dict, sampling: SamplingResult, evaluation: EvaluationResult) -> Path:
         from mfrae.report import ImagePanel, QualityRow, ReconstructionPanel, ReportFigures, write_report
 
         per_class = 10  # one row per class, ten samples each
-        pick = torch.cat([torch.nonzero(self.labels == c).flatten()[:per_class] for c in range(10)])
+        labels = sampling.labels
+        pick = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)])
         titles = {"teacher": f"Teacher, {self.settings.teacher_nfe}-step Euler ODE", "cmt_1step": "CMT, 1 step",
                   "mfd_1step": "MFD, 1 step", "mfd_2step": "MFD, 2 steps", "mft_1step": "MFT, 1 step",
                   "mft_2step": "MFT, 2 steps"}
-        samples = [ImagePanel(titles[name], images[pick], self.labels[pick], ncols=per_class)
-                   for name, images in self.samples.items()]
+        samples = [ImagePanel(titles[name], images[pick], labels[pick], ncols=per_class)
+                   for name, images in sampling.samples.items()]
         quality = [QualityRow(row["model"], row["nfe"], row["gflops_true"], row["fd"], row["class_accuracy"],
                               row["images_per_second"]) for row in report["quality_vs_nfe"]]
         figures = ReportFigures(
             samples=samples,
             reconstructions=[ReconstructionPanel("RAE reconstructions (top: real digits, bottom: decoded latents)",
-                                                 self.real_images[:20], self.reconstructions[:20], ncols=10)],
+                                                 evaluation.real_images[:20], evaluation.reconstructions[:20],
+                                                 ncols=10)],
             runs={stage: self.path(stage) for stage in ("decoder", "teacher", "cmt", "mfd", "mft")},
             quality=quality,
             stage_seconds=report["seconds_per_stage"],
@@ -308,7 +345,18 @@ class Demo:
         return write_report(self.out, report, figures, title="mfrae demo: MeanFlow in RAE latent space", note=note).html
 
 
-def _stack(dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _timed(seconds: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
+    """Run one stage (`fn` returns a result with a `summary`, or a tuple of them), record its wall time in
+    `seconds[name]` and print its line."""
+    start = time.perf_counter()
+    result = fn()
+    seconds[name] = time.perf_counter() - start
+    summary = "; ".join(r.summary for r in result) if isinstance(result, tuple) else result.summary
+    print(f"[{STAGE_ORDER.index(name)}/{len(STAGE_ORDER) - 1}] {name:10s} {seconds[name]:7.1f} s  {summary}", flush=True)
+    return result
+
+
+def _stack(dataset, limit: int | None = None) -> tuple[Tensor, Tensor]:
     n = len(dataset) if limit is None else min(limit, len(dataset))
     items = [dataset[i] for i in range(n)]
     return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
@@ -328,10 +376,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     demo = Demo(Path(args.out), FAST if args.fast else FULL, args.seed)
-    report = demo.run_all()
-    report["seconds_per_stage"] = dict(demo.seconds)  # now including the evaluation itself
-    report["seconds_total"] = time.perf_counter() - start
-    report["mode"] = "fast" if args.fast else "full"
-    html = demo.write_report(report)
+    result = demo.run_all()
+    report = {**result.report, "seconds_total": time.perf_counter() - start, "mode": "fast" if args.fast else "full"}
+    html = demo.write_report(report, result.sampling, result.evaluation)
     print(f"report: {html} and {html.with_suffix('.json')}  ({report['seconds_total']:.0f} s in all)")
     return 0

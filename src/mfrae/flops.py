@@ -2,7 +2,9 @@
 
 Two conventions are reported:
   * GMACs, the papers' convention: multiply-adds of Linear and Conv layers only; the attention products
-    Q K^T and A V are excluded (RAE spec section 9: DiT^DH-XL 156.8, ViT-XL decoder 106.6 at 256 px).
+    Q K^T and A V are excluded. At 256 px this gives DiT^DH-XL 156.8 and ViT-XL decoder 106.6, the papers'
+    157 (MF-RAE, arXiv 2511.13019) and 106.7 (RAE, arXiv 2510.11690, Table 1b); see docs/checkpoints.md,
+    section 9.
   * true GFLOPs: 2 FLOPs per multiply-add of every matrix product, attention included
     (`torch.utils.flop_counter`).
 An N-step generation costs decoder + N x backbone (the encoder is not used at sampling time).

@@ -59,6 +59,20 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
+def broadcast_time(value: Tensor | float, x: Tensor, name: str = "time", dtype: torch.dtype | None = None) -> Tensor:
+    """A time given as a scalar or one per sample, as a [B] tensor on x's device (B = x.shape[0]).
+
+    `dtype` defaults to x's dtype. A scalar is expanded (a view); any other shape than [B] raises
+    ValueError naming the argument `name`.
+    """
+    value = torch.as_tensor(value, device=x.device, dtype=x.dtype if dtype is None else dtype)
+    if value.dim() == 0:
+        value = value.expand(x.shape[0])
+    if value.shape != (x.shape[0],):
+        raise ValueError(f"{name} must be a scalar or have shape [{x.shape[0]}], got {tuple(value.shape)}")
+    return value
+
+
 #################################################################################
 #                       Fixed position tables                                   #
 #################################################################################
@@ -76,8 +90,9 @@ def sincos_1d(dim: int, positions: Tensor) -> Tensor:
 def sincos_2d(dim: int, grid_size: int) -> Tensor:
     """MAE 2-D table [grid^2, dim] for row-major tokens k = i * grid + j (i = row, j = column).
 
-    Layout (RAE spec 4.2): the first dim/2 channels encode the column j, the last dim/2 the row i,
-    each as [sin..., cos...]. Computed in float64 like the reference, returned as float32.
+    Layout (the one stored in the released checkpoints, docs/checkpoints.md, section 6): the first dim/2
+    channels encode the column j, the last dim/2 the row i, each as [sin..., cos...]. Computed in float64
+    like the reference, returned as float32.
     """
     if dim % 4:
         raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {dim}")

@@ -23,12 +23,14 @@ import torch
 from torch import Tensor
 
 from mfrae.checkpoint import load_dit_dh, load_latent_stats, load_vit_decoder
+from mfrae.config import from_dict
 from mfrae.eval.samples import save_adm_npz, save_image_dir, to_uint8_nhwc
 from mfrae.flow.paths import dimension_shift
-from mfrae.flow.samplers import meanflow_sample, sample_ode
+from mfrae.flow.samplers import flow_matching_sample, meanflow_sample
 from mfrae.images import save_image_grid
 from mfrae.models.dit_dh import DiTDH
 from mfrae.models.rae import RAE
+from mfrae.pipeline import RAEConfig, build_rae_encoder
 from mfrae.train.runs import resolve_weights
 
 
@@ -77,9 +79,10 @@ def generate(model: DiTDH, rae: RAE, labels: Tensor, settings: SampleSettings, s
         if model.is_meanflow:
             z = meanflow_sample(model, noise, y, steps=settings.steps)
         else:
-            z = sample_ode(model, noise, y, num_points=settings.steps + 1, shift=shift, method=settings.method,
-                           cfg_scale=settings.cfg_scale, cfg_interval=settings.cfg_interval, weak_model=weak_model,
-                           autoguidance_scale=settings.autoguidance_scale)
+            z = flow_matching_sample(model, noise, y, num_points=settings.steps + 1, shift=shift,
+                                     method=settings.method, cfg_scale=settings.cfg_scale,
+                                     cfg_interval=settings.cfg_interval, weak_model=weak_model,
+                                     autoguidance_scale=settings.autoguidance_scale)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=settings.decoder_bf16):
             out.append(rae.decode(z).float().clamp(0, 1).cpu())
     return torch.cat(out)
@@ -122,19 +125,18 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.num < 1:
         raise ValueError(f"--steps and --num must be >= 1, got {args.steps} and {args.num}")
     run_config = _run_config(args.ckpt)
-    run_rae = run_config.get("rae") or {}
+    run_rae = from_dict(RAEConfig, run_config.get("rae") or {}, "rae")  # the run's part of its PipelineConfig
     # A teacher samples on the time grid it was trained with, unless told otherwise.
     trained_shift = (run_config.get("objective") or {}).get("shift")
-    decoder_spec, stats_spec = args.decoder or run_rae.get("decoder"), args.stats or run_rae.get("stats")
+    decoder_spec, stats_spec = args.decoder or run_rae.decoder, args.stats or run_rae.stats
     if not decoder_spec:
         raise ValueError("no RAE decoder: pass --decoder (or sample from a run directory whose config names rae.decoder)")
     device = torch.device(args.device)
     model = load_dit_dh(resolve_weights(args.ckpt)).to(device).eval()
     weak = load_dit_dh(resolve_weights(args.weak_ckpt), meanflow=False).to(device).eval() if args.weak_ckpt else None
-    encoder_options = (run_rae.get("encoder") or {}).get("options") or {}
     decoder = load_vit_decoder(resolve_weights(decoder_spec))
     stats = load_latent_stats(resolve_weights(stats_spec)) if stats_spec else None
-    rae = _decode_only_rae(run_rae, decoder, stats, encoder_options).to(device).eval()
+    rae = _decode_only_rae(run_rae, decoder, stats).to(device).eval()
     if args.compile:
         model, rae.decoder = torch.compile(model), torch.compile(rae.decoder)
     labels = class_labels(args.labels, args.num, model.num_classes, args.seed)
@@ -162,11 +164,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _decode_only_rae(run_rae: dict, decoder, stats, encoder_options: dict) -> RAE:
+def _decode_only_rae(run_rae: RAEConfig, decoder, stats) -> RAE:
     """Decoding needs the encoder's pixel normalisation only; read it without loading encoder weights."""
-    name = (run_rae.get("encoder") or {}).get("name", "dinov2")
-    if name == "dinov2":
+    if run_rae.encoder.name == "dinov2":
         return RAE(None, decoder, stats)  # ImageNet mean / std, as DINOv2's processor
-    from mfrae.models.encoders import build_encoder
-
-    return RAE(build_encoder(name, **encoder_options), decoder, stats)
+    return RAE(build_rae_encoder(run_rae), decoder, stats)

@@ -65,17 +65,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mfrae.train.config import load_train_config
-    from mfrae.train.engine import init_distributed, shutdown_distributed
-    from mfrae.train.stages import build_data, build_rae_encoder
+    from mfrae.distributed import init_distributed, shutdown_distributed
+    from mfrae.pipeline import build_data, build_rae_encoder, load_pipeline_config
 
-    cfg = load_train_config("teacher", args.config, args.set)
+    cfg = load_pipeline_config(args.config, args.set)
     out = Path(args.out)
     path = out if out.suffix in (".safetensors", ".pt") else out / STATS_FILE
     info = init_distributed()
     try:
         stats = latent_statistics(
-            build_rae_encoder(cfg), build_data(cfg), args.batch_size, info.device, cfg.data.num_workers,
+            build_rae_encoder(cfg.rae), build_data(cfg.data), args.batch_size, info.device, cfg.data.num_workers,
             info.rank, info.world_size, args.max_images, progress=info.is_main,
         )
     finally:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .common import BadFiles, DataError, Item, check_choice, flip_coin, hflip
+from .common import BadFiles, DataError, EpochItems, Item, check_choice, check_positive_int, flip_coin, hflip
 
 SPLITS = ("train", "test", "all")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -43,7 +43,7 @@ def digits_split_indices(labels: np.ndarray, test_fraction: float = 0.2, split_s
     return {"train": np.flatnonzero(~is_test), "test": np.flatnonzero(is_test), "all": np.arange(len(labels))}
 
 
-class DigitsDataset(Dataset):
+class DigitsDataset(EpochItems, Dataset):
     """Digits as items (float32 [3, image_size, image_size] in [0, 1], int label in 0..9).
 
     Args:
@@ -67,8 +67,7 @@ class DigitsDataset(Dataset):
     ) -> None:
         check_choice("split", split, SPLITS)
         check_choice("interpolation", interpolation, INTERPOLATIONS)
-        if int(image_size) != image_size or image_size < 1:
-            raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+        check_positive_int("image_size", image_size)
         from sklearn.datasets import load_digits  # imported lazily: scikit-learn takes a second to import
 
         bunch = load_digits()
@@ -100,15 +99,8 @@ class DigitsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Epoch used by `__getitem__` for the flip coin."""
-        self.epoch = int(epoch)
-
-    def __getitem__(self, index: int) -> Item:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} digits ({self.split} split)")
-        item, _ = self.load(index % len(self), self.epoch, self.seed)
-        return item
+    def _items_description(self) -> str:
+        return f"digits ({self.split} split)"
 
     def load(self, index: int, epoch: int, seed: int) -> tuple[Item, BadFiles]:
         """Item `index` for (epoch, seed); digits have no files, so the bad-file list is always empty."""

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .common import BadFiles, DataError, Item, check_choice, flip_coin
+from .common import BadFiles, DataError, EpochItems, Item, check_choice, check_positive_int, flip_coin
 from .transforms import center_crop_arr, uint8_to_tensor
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -96,7 +96,7 @@ def decode_image(path: str, image_size: int) -> np.ndarray:
     return center_crop_arr(rgb, image_size)
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(EpochItems, Dataset):
     """ImageNet-layout folder -> items (float32 [3, image_size, image_size] in [0, 1], int label).
 
     Args:
@@ -121,8 +121,7 @@ class ImageFolderDataset(Dataset):
         extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
     ) -> None:
         check_choice("on_error", on_error, ON_ERROR_CHOICES)
-        if int(image_size) != image_size or image_size < 1:
-            raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+        check_positive_int("image_size", image_size)
         self.root = Path(root)
         self.image_size = int(image_size)
         self.random_flip = bool(random_flip)
@@ -148,15 +147,8 @@ class ImageFolderDataset(Dataset):
         """Full path of item `index`."""
         return os.path.join(self.root, os.fsdecode(self._rel_paths[index]))
 
-    def set_epoch(self, epoch: int) -> None:
-        """Epoch used by `__getitem__` for the flip coin."""
-        self.epoch = int(epoch)
-
-    def __getitem__(self, index: int) -> Item:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images in {self.root}")
-        item, _ = self.load(index % len(self), self.epoch, self.seed)
-        return item
+    def _items_description(self) -> str:
+        return f"images in {self.root}"
 
     def load(self, index: int, epoch: int, seed: int) -> tuple[Item, BadFiles]:
         """Item `index` for (epoch, seed) plus the (path, reason) pairs of bad files skipped to produce it."""

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mfrae.fileio import atomic_write_text, commit, temp_path
 
-from .common import BadFiles, DataError, Item, KeyedDataset, flip_coin, hflip
+from .common import BadFiles, DataError, EpochItems, Item, KeyedDataset, flip_coin, hflip
 from .loader import collate_with_bad_files
 
 CACHE_FORMAT = "mfrae-latent-cache"
@@ -306,7 +306,7 @@ def _finalize(out: Path, index: dict[str, Any]) -> dict[str, Any]:
     return index
 
 
-class LatentDataset(Dataset):
+class LatentDataset(EpochItems, Dataset):
     """Items (latent [C, h, w], int label) read from a finished latent cache, shard files memory-mapped.
 
     Args:
@@ -374,9 +374,6 @@ class LatentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def _handle(self, k: int) -> Any:
         handle = self._handles.get(k)
         if handle is None:
@@ -387,11 +384,8 @@ class LatentDataset(Dataset):
             self._handles[k] = handle
         return handle
 
-    def __getitem__(self, index: int) -> Item:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} latents in {self.cache_dir}")
-        item, _ = self.load(index % len(self), self.epoch, self.seed)
-        return item
+    def _items_description(self) -> str:
+        return f"latents in {self.cache_dir}"
 
     def load(self, index: int, epoch: int, seed: int) -> tuple[Item, BadFiles]:
         """Latent `index` (the mirrored-image latent when the flip coin says so) and its label."""

@@ -23,6 +23,7 @@ count) and logs each new path once as a warning on the "mfrae.data" logger.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Iterator, Sized
@@ -167,26 +168,29 @@ def collate_with_bad_files(samples: list[tuple[Any, BadFiles]]) -> tuple[Any, Ba
 class InfiniteLoader:
     """Yields batches forever, epoch after epoch, and knows its (epoch, position) for checkpoints.
 
-    Build it with `make_loader`. Iterate with `for batch in loader` (or `next(iter(loader))` repeatedly in
-    the same iterator); keep one live iterator at a time. `state_dict()` / `load_state_dict()` save and
-    restore (epoch, position), where position counts this rank's samples already yielded in the epoch; load
-    the state before iterating.
+    Build it with `make_loader` (same arguments). Iterate with `for batch in loader` (or `next(iter(loader))`
+    repeatedly in the same iterator); keep one live iterator at a time. `state_dict()` / `load_state_dict()`
+    save and restore (epoch, position), where position counts this rank's samples already yielded in the
+    epoch; load the state before iterating.
+
+    `start` is a previous `loader.state_dict()` (or {"epoch": e, "position": p}). `pin_memory` is ignored
+    without CUDA; workers are persistent when num_workers > 0.
     """
 
     def __init__(
         self,
         dataset: Dataset,
         batch_size: int,
-        *,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
         pin_memory: bool = False,
         drop_last: bool = True,
+        start: dict[str, int] | None = None,
+        *,
         shuffle: bool = True,
         prefetch_factor: int | None = 2,
-        start: dict[str, int] | None = None,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -291,35 +295,17 @@ class InfiniteLoader:
         self._loader._iterator = None
 
 
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-    drop_last: bool = True,
-    start: dict[str, int] | None = None,
-    *,
-    shuffle: bool = True,
-    prefetch_factor: int | None = 2,
-) -> InfiniteLoader:
-    """An endless, resumable batch loader for this rank (see `InfiniteLoader` and the module docstring).
+def make_loader(*args: Any, **kwargs: Any) -> InfiniteLoader:
+    """An endless, resumable batch loader for this rank: `InfiniteLoader(*args, **kwargs)`.
 
-    `start` is a previous `loader.state_dict()` (or {"epoch": e, "position": p}). `pin_memory` is ignored
-    without CUDA; workers are persistent when num_workers > 0.
+    The arguments are InfiniteLoader's (see it and the module docstring):
+    `make_loader(dataset, batch_size, seed=0, rank=0, world_size=1, num_workers=0, pin_memory=False,
+    drop_last=True, start=None, *, shuffle=True, prefetch_factor=2)`.
     """
-    return InfiniteLoader(
-        dataset,
-        batch_size,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        drop_last=drop_last,
-        shuffle=shuffle,
-        prefetch_factor=prefetch_factor,
-        start=start,
-    )
+    return InfiniteLoader(*args, **kwargs)
+
+
+# help() and inspect.signature() show InfiniteLoader's parameters rather than (*args, **kwargs).
+make_loader.__signature__ = inspect.signature(InfiniteLoader).replace(  # type: ignore[attr-defined]
+    return_annotation="InfiniteLoader"
+)

@@ -1,7 +1,7 @@
 """Image sets for evaluation: read/write ADM-style .npz files and image folders; tensor <-> uint8 conversion.
 
 Images are always handled as uint8 numpy arrays in NHWC layout with C = 3 (RGB), the layout of the ADM
-evaluator (`arr_0` in an .npz). Labels are optional int64 arrays [N].
+evaluator (`arr_0` in an .npz; see docs/checkpoints.md, section 11). Labels are optional int64 arrays [N].
 
 Sources accepted by `load_images`:
 * an .npz with `arr_0` (uint8 [N, H, W, 3]; [N, H, W] or C = 1 grayscale is expanded to RGB) and optional

@@ -1,5 +1,5 @@
-"""Training objectives: flow matching (teacher), CMT (consistency mid-training) and MeanFlow (MFD / MFT and
-everything between, with the optional 2511.19065 schedule).
+"""Training objectives: flow matching (the teacher), CMT (consistency mid-training) and MeanFlow (MFD / MFT and
+everything between, optionally weighted by the improved training scheme of arXiv 2511.19065).
 
 Every objective is a small callable with one interface (EDM style):
 
@@ -10,8 +10,12 @@ Every objective is a small callable with one interface (EDM style):
 model `net(z, t, y, r=r)` otherwise (r omitted means r = t). Frozen models (the teacher) are attributes of
 the objective, set at construction and always called under no_grad in eval mode; a teacher may also be a
 plain function `teacher(z, t, y) -> v` (the toy's closed-form velocity). All randomness comes from
-torch's global RNG. Label dropout to `net.null_class` happens once per sample: every network call
-made for a sample (prediction, stencil, teacher) sees the same label.
+torch's global RNG. Labels are dropped to `null_class` (given at construction) once per sample: every
+network call made for a sample (prediction, stencil, teacher, guidance) sees the same label.
+
+Papers: MeanFlow (arXiv 2505.13447), MF-RAE (arXiv 2511.13019), CMT (arXiv 2509.24526), the improved
+MeanFlow training (arXiv 2511.19065). Equation numbers are those of the arXiv versions; where the official
+code differs from the papers, docs/meanflow.md says what we do and why.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mfrae.flow.paths import PairSampler, TimeDistribution, broadcast_time, conditional_velocity, interpolate
-from mfrae.flow.samplers import ODE_METHODS, ode_grid, ode_sample
+from mfrae.flow.paths import PairSampler, TimeDistribution, interpolate, one_point_velocity, unsqueeze_like
+from mfrae.flow.samplers import ODE_METHODS, ode_grid, solve_ode
 from mfrae.layers import float32_region
 
 Model = Callable[..., Tensor]
@@ -41,14 +45,7 @@ REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 #################################################################################
 
 
-def null_class_of(net: Model) -> int:
-    null = getattr(net, "null_class", None)
-    if null is None:
-        raise ValueError(f"{type(net).__name__} has no `null_class` attribute (needed for label dropout / guidance)")
-    return int(null)
-
-
-def drop_labels(y: Tensor, prob: float, null_class: int) -> Tensor:
+def drop_labels(y: Tensor, prob: float, null_class: int | None) -> Tensor:
     """Replace each label by `null_class` independently with probability `prob` (one draw per sample)."""
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"label dropout probability must be in [0, 1], got {prob!r}")
@@ -68,10 +65,11 @@ def per_sample(sq_error: Tensor, reduction: str) -> Tensor:
 
 
 def adaptive_weighting(sq_error: Tensor, p: float = 1.0, c: float = 1e-2, squared: bool = False) -> Tensor:
-    """MeanFlow adaptive loss on per-sample squared errors L (meanflow_spec 2.4):
+    """MeanFlow's adaptive loss on per-sample squared errors L (arXiv 2505.13447 Sec. 4.3, "Loss metrics"):
 
-        paper / default:       L / sg(L + c)^p               (gradient ~ grad L / L for p = 1)
-        squared=True (QUIRK):  L^2 / (sg(L)^2 + c)^p          (official MF-RAE; use c = 1e-3 for parity)
+        default:        L / sg(L + c)^p               (gradient ~ grad L / L for p = 1)
+        squared=True:   L^2 / (sg(L)^2 + c)^p          (the released MF-RAE code; c = 1e-3 for parity,
+                                                        docs/meanflow.md, "Squared adaptive weight")
 
     p = 0 returns L unchanged.
     """
@@ -95,6 +93,24 @@ def _check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
     return reduction
+
+
+def _check_label_dropout(label_dropout: float) -> float:
+    if not 0.0 <= label_dropout <= 1.0:
+        raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout!r}")
+    return float(label_dropout)
+
+
+def _check_null_class(null_class: int | None, needed_for: str | None) -> int | None:
+    """The null label ("no class"; num_classes for DiT^DH); required when `needed_for` names a use of it."""
+    if null_class is None:
+        if needed_for:
+            raise ValueError(f"{needed_for} replaces labels by the null class: pass null_class "
+                             "(the model's 'no class' label, num_classes for DiT^DH)")
+        return None
+    if isinstance(null_class, bool) or not isinstance(null_class, int) or null_class < 0:
+        raise ValueError(f"null_class must be a non-negative integer, got {null_class!r}")
+    return null_class
 
 
 @contextlib.contextmanager
@@ -133,14 +149,48 @@ def _math_attention():
 
 
 #################################################################################
-#                         MeanFlow total time derivative                        #
+#                          The MeanFlow target                                  #
+#################################################################################
+
+
+def mixed_velocity(one_point: Tensor, v_teacher: Tensor | None, teacher_mix: float) -> Tensor:
+    """The velocity the MeanFlow target is built on (MF-RAE arXiv 2511.13019, Prop. 3.1):
+
+        w_lambda = (1 - lambda) (e - x) + lambda v_teacher(z_t, t, y),     lambda = `teacher_mix` in [0, 1]
+
+    lambda = 1 is distillation from a flow-matching teacher (MFD), lambda = 0 the one-point velocity e - x of
+    plain MeanFlow / MF-RAE's bootstrapping stage (MFT); `v_teacher` may be None then. The end points are
+    returned as they are, without arithmetic.
+    """
+    if teacher_mix == 0.0:
+        return one_point
+    if teacher_mix == 1.0:
+        return v_teacher
+    return (1.0 - teacher_mix) * one_point + teacher_mix * v_teacher
+
+
+def meanflow_target(w: Tensor, dudt: Tensor, t: Tensor, r: Tensor) -> Tensor:
+    """u_tgt = sg(w - (t - r) du/dt): the MeanFlow identity u = v - (t - r) du/dt (arXiv 2505.13447 Eq. 6)
+    turned into a regression target (Eq. 10; Eq. 11 with the one-point velocity, Eq. 18 with guidance).
+
+    w [B, ...] is the velocity (v, w_lambda or the guided v_tilde), du/dt [B, ...] the total derivative of the
+    prediction along (dz, dr, dt) = (w, 0, 1) (Eq. 8), t and r [B]; sg is the stop-gradient. The gap t - r is
+    taken in du/dt's dtype. The true average velocity is the fixed point of this target when w is the
+    true marginal velocity.
+    """
+    return (w - unsqueeze_like(t - r, dudt) * dudt).detach()
+
+
+#################################################################################
+#                         The total time derivative                             #
 #################################################################################
 
 
 def finite_difference_derivative(
     net: Model, z: Tensor, t: Tensor, r: Tensor, y: Tensor, direction: Tensor, step: float = 5e-3
 ) -> Tensor:
-    """Central difference of u along (dz, dt, dr) = (direction, 1, 0), without autograd (meanflow_spec 4.4):
+    """Central difference of u along (dz, dt, dr) = (direction, 1, 0), without autograd (MF-RAE's replacement
+    of MeanFlow's JVP, arXiv 2511.13019; step 5e-3 as there):
 
         du/dt ~ [u(z + d v, r, t + d) - u(z - d v, r, t - d)] / (2 d),   d = step.
 
@@ -162,7 +212,8 @@ def finite_difference_derivative(
 
 
 def jvp_with_primal(net: Model, z: Tensor, t: Tensor, r: Tensor, y: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
-    """(u, du/dt) by forward-mode AD: torch.func.jvp of (z, t, r) -> u(z, r, t) with tangent (direction, 1, 0).
+    """(u, du/dt) by forward-mode AD (MeanFlow arXiv 2505.13447 Eq. 8, Alg. 1): torch.func.jvp of
+    (z, t, r) -> u(z, r, t) with tangent (direction, 1, 0).
 
     u keeps its autograd graph (it is the prediction the loss trains); du/dt is returned detached. The
     math attention backend is used inside the JVP (see `_math_attention`).
@@ -177,23 +228,131 @@ def jvp_with_primal(net: Model, z: Tensor, t: Tensor, r: Tensor, y: Tensor, dire
     return u, dudt.detach()
 
 
-def meanflow_time_derivative(
-    net: Model,
-    z: Tensor,
-    t: Tensor,
-    r: Tensor,
-    y: Tensor,
-    direction: Tensor,
-    method: Literal["finite_difference", "jvp"] = "finite_difference",
-    fd_step: float = 5e-3,
-) -> Tensor:
-    """Total derivative d/dt u(z_t, r, t) = (d_z u) . direction + d_t u with r fixed (meanflow_spec 0), no grad."""
+@dataclass(frozen=True)
+class GapRows:
+    """The rows of a batch whose pair has r != t: the only rows whose target needs du/dt.
+
+    `index` selects them and `rest` the r = t rows. With the pair sampler's "prefix" layout they are static
+    slices (no host-device sync, one shape for torch.compile); with the "random" layout they are indices found
+    in the data (`nonzero`, one host sync on GPU). An empty or a full selection is a slice either way.
+    """
+
+    index: slice | Tensor
+    rest: slice | Tensor
+    count: int
+    size: int
+
+    @classmethod
+    def leading(cls, size: int, count: int) -> GapRows:
+        """The first `count` of `size` rows."""
+        return cls(slice(0, count), slice(count, None), count, size)
+
+    @classmethod
+    def find(cls, t: Tensor, r: Tensor) -> GapRows:
+        """The rows with r != t, wherever they are."""
+        gap = r != t
+        index, rest = gap.nonzero().squeeze(1), (~gap).nonzero().squeeze(1)
+        count, size = index.numel(), t.shape[0]
+        return cls.leading(size, count) if count in (0, size) else cls(index, rest, count, size)
+
+    def take(self, *tensors: Tensor) -> list[Tensor]:
+        return [x[self.index] for x in tensors]
+
+    def take_rest(self, *tensors: Tensor) -> list[Tensor]:
+        return [x[self.rest] for x in tensors]
+
+    def merge(self, on_gap: Tensor | None, on_rest: Tensor | None) -> Tensor:
+        """Rows computed separately on the two subsets, back in batch order (either may be None when empty)."""
+        if self.count == 0:
+            return on_rest
+        if self.count == self.size:
+            return on_gap
+        merged = torch.cat([on_gap, on_rest])
+        if isinstance(self.index, slice):
+            return merged
+        return merged[torch.argsort(torch.cat([self.index, self.rest]))]
+
+
+class TimeDerivative:
+    """How a MeanFlow objective gets its prediction and du/dt; one subclass per method. The interface:
+
+        u, dudt = derivative(net, z, t, r, y, w, rows)
+
+    u = u_theta(z, r, t | y) on every row, with its autograd graph (the prediction the loss trains); dudt the
+    total derivative along (dz, dr, dt) = (w, 0, 1) (MeanFlow Eq. 8) on the r != t `rows` only, detached
+    (None when there are none). The r = t rows need no derivative: its coefficient t - r is zero.
+    """
+
+    def __call__(self, net: Model, z: Tensor, t: Tensor, r: Tensor, y: Tensor, w: Tensor,
+                 rows: GapRows) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+
+def _check_step(step: float) -> None:
+    if not step > 0:
+        raise ValueError(f"fd_step must be > 0, got {step!r}")
+
+
+@dataclass(frozen=True)
+class FiniteDifference(TimeDerivative):
+    """MF-RAE's method (the default): one autograd forward of the whole batch, then the central difference
+    (`finite_difference_derivative`) on the r != t rows as one no-grad forward of twice those rows."""
+
+    step: float = 5e-3
+
+    def __post_init__(self):
+        _check_step(self.step)
+
+    def __call__(self, net, z, t, r, y, w, rows):
+        u = net(z, t, y, r=r)
+        return u, (finite_difference_derivative(net, *rows.take(z, t, r, y, w), self.step) if rows.count else None)
+
+
+@dataclass(frozen=True)
+class JVP(TimeDerivative):
+    """MeanFlow's method: exact forward-mode AD (`jvp_with_primal`) on the r != t rows, whose primal is their
+    prediction; a plain forward of the r = t rows."""
+
+    def __call__(self, net, z, t, r, y, w, rows):
+        u_gap, dudt = jvp_with_primal(net, *rows.take(z, t, r, y, w)) if rows.count else (None, None)
+        u_rest = None
+        if rows.count < rows.size:
+            z_rest, t_rest, r_rest, y_rest = rows.take_rest(z, t, r, y)
+            u_rest = net(z_rest, t_rest, y_rest, r=r_rest)
+        return rows.merge(u_gap, u_rest), dudt
+
+
+@dataclass(frozen=True)
+class FusedFiniteDifference(TimeDerivative):
+    """The layout of the released MF-RAE code: one autograd forward of the 3B batch [z, z + d w, z - d w] at
+    times [t, t + d, t - d] (r unchanged) in the caller's precision, du/dt = (u+ - u-) / (2 d). The numbers of
+    `FiniteDifference` up to rounding, at more time and memory (gradients flow back through the whole 3B
+    graph); kept for benchmarks. du/dt is returned in the velocity's precision when that is wider, so the
+    target is formed in it, as there."""
+
+    step: float = 5e-3
+
+    def __post_init__(self):
+        _check_step(self.step)
+
+    def __call__(self, net, z, t, r, y, w, rows):
+        d = self.step
+        u_all = net(torch.cat([z, z + d * w, z - d * w]), torch.cat([t, t + d, t - d]), torch.cat([y, y, y]),
+                    r=torch.cat([r, r, r]))
+        u, u_plus, u_minus = u_all.chunk(3)
+        dudt = ((u_plus - u_minus) / (2 * d)).detach()
+        return u, (rows.take(dudt.to(torch.promote_types(dudt.dtype, w.dtype)))[0] if rows.count else None)
+
+
+def make_time_derivative(method: Derivative, fd_step: float = 5e-3) -> TimeDerivative:
+    """The TimeDerivative named `method` (one of DERIVATIVES)."""
     if method == "finite_difference":
-        return finite_difference_derivative(net, z, t, r, y, direction, fd_step)
+        return FiniteDifference(fd_step)
+    if method == "finite_difference_fused":
+        return FusedFiniteDifference(fd_step)
     if method == "jvp":
-        with torch.no_grad():
-            return jvp_with_primal(net, z, t, r, y, direction)[1]
-    raise ValueError(f"unknown derivative method {method!r}; choose 'finite_difference' or 'jvp'")
+        return JVP()
+    raise ValueError(f"unknown derivative {method!r}; choose one of {DERIVATIVES}")
 
 
 #################################################################################
@@ -202,14 +361,15 @@ def meanflow_time_derivative(
 
 
 class FlowMatchingLoss:
-    """Flow matching, the teacher objective (rae_spec 8.1):
+    """Flow matching, the teacher objective (regression onto the one-point velocity, L_CFM of MeanFlow
+    arXiv 2505.13447 Sec. 3; on RAE latents as RAE, arXiv 2510.11690):
 
         L_FM = E_{t, x, e} (1/D) || v_theta(z_t, t, y) - (e - x) ||^2,   z_t = (1 - t) x + t e,
         t = shift_a(t0), t0 ~ `time`.
 
-    The minimiser is the marginal velocity v(z, t) = E[e - x | z_t = z]. Labels are dropped to the null
-    class with probability `label_dropout`. Returns per-sample losses [B]: mean over the D latent
-    elements (as the RAE code), or the sum with reduction="sum".
+    The minimiser is the marginal velocity v(z, t) = E[e - x | z_t = z]. Labels are dropped to `null_class`
+    with probability `label_dropout` (null_class is required when label_dropout > 0). Returns per-sample
+    losses [B]: mean over the D latent elements (as the RAE code), or the sum with reduction="sum".
     """
 
     def __init__(
@@ -218,24 +378,24 @@ class FlowMatchingLoss:
         time: TimeDistribution = TimeDistribution.logit_normal(0.0, 1.0, 0.0, 0.999),
         shift: float = 1.0,
         label_dropout: float = 0.1,
+        null_class: int | None = None,
         reduction: Literal["mean", "sum"] = "mean",
     ):
         if not shift > 0:
             raise ValueError(f"shift must be > 0, got {shift!r}")
-        if not 0.0 <= label_dropout <= 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout!r}")
         self.time = time
         self.shift = float(shift)
-        self.label_dropout = float(label_dropout)
+        self.label_dropout = _check_label_dropout(label_dropout)
         self.reduction = _check_reduction(reduction)
+        self.null_class = _check_null_class(null_class, "label dropout" if label_dropout > 0 else None)
 
     def __call__(self, net: Model, x: Tensor, y: Tensor, step: int = 0) -> Tensor:
         _check_batch(x, y)
-        y = drop_labels(y, self.label_dropout, null_class_of(net)) if self.label_dropout else y
+        y = drop_labels(y, self.label_dropout, self.null_class)
         t = self.time.sample(x.shape[0], self.shift, x.device)
         noise = torch.randn_like(x)
         v_pred = net(interpolate(x, noise, t), t, y)
-        return per_sample((v_pred - conditional_velocity(x, noise)).square(), self.reduction)
+        return per_sample((v_pred - one_point_velocity(x, noise)).square(), self.reduction)
 
 
 #################################################################################
@@ -280,12 +440,13 @@ def trajectory_pairs(states: Tensor, times: Tensor, y: Tensor, num_pairs: int) -
     times = times.to(states.device)
     t64, r64 = times[i], times[j]
     z_i, z_j = states[i, b], states[j, b]
-    target = (z_i - z_j) / broadcast_time((t64 - r64).to(states.dtype), z_i)
+    target = (z_i - z_j) / unsqueeze_like((t64 - r64).to(states.dtype), z_i)
     return TrajectoryPairs(z=z_i, t=t64.float(), r=r64.float(), y=y[b], target=target)
 
 
 class CMTLoss:
-    """Consistency mid-training for flow maps (CMT-MF, arXiv 2509.24526; MF-RAE recipe, meanflow_spec 3.2, 4.6):
+    """Consistency mid-training for flow maps (the flow-map loss of CMT, arXiv 2509.24526, as MF-RAE uses it
+    between the teacher and MFD):
 
         L = E_{i < j} E_{e} || u_theta(z_i, r = t_j, t = t_i) - (z_i - z_j) / (t_i - t_j) ||^2
 
@@ -296,8 +457,9 @@ class CMTLoss:
     B K (K - 1) / 2 pairs. Per-pair loss: mean (default, official) or sum of squares; no adaptive weight.
 
     time_labels="shifted" (default) labels each state with its real (shifted) time, the coordinates
-    MFD / MFT train on. time_labels="nominal" reproduces the official QUIRK: state k is labelled
-    1 - k / (K - 1) and the target divided by that nominal gap.
+    MFD / MFT train on. time_labels="nominal" reproduces the released code: state k is labelled
+    1 - k / (K - 1) and the target divided by that nominal gap (docs/meanflow.md, "CMT time labels").
+    Labels are dropped to `null_class` (required when label_dropout > 0) before the teacher runs.
     """
 
     def __init__(
@@ -311,6 +473,7 @@ class CMTLoss:
         pairs_per_trajectory: int = 64,
         time_labels: Literal["shifted", "nominal"] = "shifted",
         label_dropout: float = 0.1,
+        null_class: int | None = None,
         reduction: Literal["mean", "sum"] = "mean",
     ):
         if teacher is None:
@@ -323,8 +486,6 @@ class CMTLoss:
             raise ValueError(f"pairs_per_trajectory must be >= 1, got {pairs_per_trajectory!r}")
         if time_labels not in ("shifted", "nominal"):
             raise ValueError(f"time_labels must be 'shifted' or 'nominal', got {time_labels!r}")
-        if not 0.0 <= label_dropout <= 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout!r}")
         self.teacher = _frozen(teacher)
         self.grid = ode_grid(grid_points, shift, t_end)
         nominal = torch.linspace(1.0, 0.0, grid_points, dtype=torch.float64)
@@ -332,24 +493,25 @@ class CMTLoss:
         self.solver = solver
         self.pairs_per_trajectory = int(pairs_per_trajectory)
         self.time_labels = time_labels
-        self.label_dropout = float(label_dropout)
+        self.label_dropout = _check_label_dropout(label_dropout)
         self.reduction = _check_reduction(reduction)
+        self.null_class = _check_null_class(null_class, "label dropout" if label_dropout > 0 else None)
 
     def trajectory(self, noise: Tensor, y: Tensor) -> Tensor:
         """Teacher solver states [K, B, ...] on `self.grid`, starting from `noise` at t = 1."""
-        _, states = ode_sample(lambda z, t: _call_frozen(self.teacher, z, t, y), noise, self.grid, self.solver,
-                               return_trajectory=True)
+        _, states = solve_ode(lambda z, t: _call_frozen(self.teacher, z, t, y), noise, self.grid, self.solver,
+                              return_trajectory=True)
         return states
 
-    def pairs(self, net: Model, x: Tensor, y: Tensor) -> TrajectoryPairs:
+    def pairs(self, x: Tensor, y: Tensor) -> TrajectoryPairs:
         """Label dropout, fresh noise, teacher trajectories and the drawn training pairs for one step."""
         _check_batch(x, y)
-        y = drop_labels(y, self.label_dropout, null_class_of(net)) if self.label_dropout else y
+        y = drop_labels(y, self.label_dropout, self.null_class)
         states = self.trajectory(torch.randn_like(x), y)
         return trajectory_pairs(states, self.label_times, y, self.pairs_per_trajectory * x.shape[0])
 
     def __call__(self, net: Model, x: Tensor, y: Tensor, step: int = 0) -> Tensor:
-        p = self.pairs(net, x, y)
+        p = self.pairs(x, y)
         u = net(p.z, p.t, p.y, r=p.r)
         return per_sample((u - p.target).square(), self.reduction)
 
@@ -361,8 +523,8 @@ class CMTLoss:
 
 @dataclass(frozen=True)
 class TrainingGuidance:
-    """Guidance baked into the MeanFlow target (meanflow_spec 2.3). For t in [t_min, t_max] and rows that
-    keep their label:
+    """Classifier-free guidance baked into the MeanFlow target (MeanFlow arXiv 2505.13447 Sec. 4.2, Eq. 19;
+    the kappa term: its App. B.1). For t in [t_min, t_max] and rows that keep their label:
 
         v_tilde = omega w + kappa u(z_t, t, t | y) + (1 - omega - kappa) u(z_t, t, t | null),
 
@@ -388,13 +550,15 @@ class TrainingGuidance:
 
 @dataclass(frozen=True)
 class ImprovedSchedule:
-    """The 2511.19065 weights, applied after the adaptive normalisation (meanflow_spec 1.3-1.5):
+    """The weights of the improved MeanFlow training (arXiv 2511.19065 App. B, Eq. 8), applied after the
+    adaptive normalisation (its Eq. 7; the order matters, docs/meanflow.md, "The improved training scheme"):
 
         r != t rows:  beta(dt, s) = (1 - s) + lambda s (1 - dt),   dt = t - r,   s = 1 - (step / total_steps)^k
         r  = t rows:  alpha(t)
 
-    lambda = 1 / E[1 - dt] over the configured pair distribution (computed, not configured), so the mean
-    of beta over r != t rows is 1 at s = 1; at step >= total_steps every beta is 1.
+    lambda = 1 / E[1 - dt] over the configured pair distribution (computed by `beta_scale_method`, not
+    configured; `MeanFlowLoss.beta_scale`), so the mean of beta over r != t rows is 1 at s = 1; at
+    step >= total_steps every beta is 1.
 
     alpha="min_snr" (our choice; the paper's exact form is unconfirmed): MinSNR-gamma turned into a
     weight on the velocity loss. On the linear path SNR(t) = ((1 - t) / t)^2 and ||x_hat - x|| = t ||v_hat - v||,
@@ -414,7 +578,7 @@ class ImprovedSchedule:
     k: float = 1.0
     alpha: Literal["none", "min_snr"] = "min_snr"
     gamma: float = 5.0
-    lambda_method: Literal["quadrature", "monte_carlo"] = "quadrature"
+    beta_scale_method: Literal["quadrature", "monte_carlo"] = "quadrature"
 
     def __post_init__(self):
         if int(self.total_steps) < 1:
@@ -425,9 +589,9 @@ class ImprovedSchedule:
             raise ValueError(f"ImprovedSchedule.alpha must be 'none' or 'min_snr', got {self.alpha!r}")
         if not self.gamma > 0:
             raise ValueError(f"ImprovedSchedule.gamma must be > 0, got {self.gamma!r}")
-        if self.lambda_method not in ("quadrature", "monte_carlo"):
-            raise ValueError(
-                f"ImprovedSchedule.lambda_method must be 'quadrature' or 'monte_carlo', got {self.lambda_method!r}")
+        if self.beta_scale_method not in ("quadrature", "monte_carlo"):
+            raise ValueError("ImprovedSchedule.beta_scale_method must be 'quadrature' or 'monte_carlo', "
+                             f"got {self.beta_scale_method!r}")
 
     def progress(self, step: int) -> float:
         """s = 1 - (step / total_steps)^k, with step clamped to [0, total_steps]: 1 at the start, 0 at the end."""
@@ -435,9 +599,9 @@ class ImprovedSchedule:
         return 1.0 - frac**self.k
 
 
-def progressive_gap_weight(gap: Tensor, s: float, lam: float) -> Tensor:
-    """beta(dt, s) = (1 - s) + lambda s (1 - dt)."""
-    return (1.0 - s) + lam * s * (1.0 - gap)
+def progressive_gap_weight(gap: Tensor, s: float, scale: float) -> Tensor:
+    """beta(dt, s) = (1 - s) + scale s (1 - dt), scale = 1 / E[1 - dt] (lambda of arXiv 2511.19065)."""
+    return (1.0 - s) + scale * s * (1.0 - gap)
 
 
 def min_snr_velocity_weight(t: Tensor | np.ndarray, gamma: float = 5.0, shift: float = 1.0):
@@ -449,32 +613,30 @@ def min_snr_velocity_weight(t: Tensor | np.ndarray, gamma: float = 5.0, shift: f
 
 
 class MeanFlowLoss:
-    """MeanFlow objective, generalised (MF-RAE, arXiv 2511.13019, Prop. 3.1; MeanFlow arXiv 2505.13447):
+    """MeanFlow objective, generalised (MeanFlow arXiv 2505.13447 Eq. 9-11; MF-RAE arXiv 2511.13019 Prop. 3.1):
 
-        w      = (1 - lam) (e - x) + lam v_teacher(z_t, t, y)       lam = 1: MFD, lam = 0: MFT / MeanFlow
-        u_tgt  = sg( w - (t - r) du_theta(z_t, r, t)/dt ),           du/dt along (dz, dt, dr) = (w, 1, 0)
+        w      = (1 - lam) (e - x) + lam v_teacher(z_t, t, y)       lam = `teacher_mix` (`mixed_velocity`)
+        u_tgt  = sg( w - (t - r) du_theta(z_t, r, t)/dt )             du/dt along (dz, dr, dt) = (w, 0, 1)
         L_i    = || u_theta(z_t, r, t, y) - u_tgt ||^2   (sum over latent elements)
-        loss_i = L_i / sg(L_i + c)^p                                  (adaptive weight; `adaptive_squared` = QUIRK)
+        loss_i = L_i / sg(L_i + c)^p                                  (`adaptive_weighting`)
 
-    with (t, r) from `PairSampler(time, shift, fraction_r_neq_t, r_neq_t_layout)` and z_t = (1 - t) x + t e. The MeanFlow
-    identity u = v - (t - r) du/dt makes the true average velocity a fixed point when w is the true
-    marginal velocity. Rows with r = t skip the derivative: their target is w exactly.
+    with (t, r) from `PairSampler(time, shift, fraction_r_neq_t, r_neq_t_layout)` and z_t = (1 - t) x + t e.
+    lam = 1 is MF-RAE's distillation (MFD), lam = 0 plain MeanFlow / MF-RAE's bootstrapping (MFT); the default
+    is 1 with a teacher and 0 without. Rows with r = t need no derivative: their target is w exactly.
 
-    derivative:
-      "finite_difference" (default, MF-RAE): central difference with step `fd_step` on the r != t rows;
-          the two perturbed evaluations run without autograd.
-      "jvp": exact forward-mode torch.func.jvp on the r != t rows (its primal is the trained prediction);
-          the r = t rows take a plain forward.
-      "finite_difference_fused": the official layout, one autograd forward of the 3B batch
-          [z, z + d w, z - d w] (same numbers as "finite_difference", more time and memory; for benchmarks).
+    derivative (kept as the attribute `time_derivative`, which code may replace by any other TimeDerivative):
+      "finite_difference" (default, MF-RAE): `FiniteDifference(fd_step)`;
+      "jvp": `JVP()`, exact forward-mode AD on the r != t rows;
+      "finite_difference_fused": `FusedFiniteDifference(fd_step)`, the released MF-RAE 3B-batch layout.
 
-    Label dropout (prob `label_dropout`) happens once per sample, before everything; the teacher and all
-    stencil / guidance calls see the dropped label. `guidance` adds the CFG-in-training target
-    (TrainingGuidance); `schedule` the 2511.19065 weights (ImprovedSchedule), applied after the adaptive
-    normalisation. Returns per-sample losses [B].
+    Labels are dropped to `null_class` with probability `label_dropout`, once per sample, before everything;
+    the teacher and all stencil / guidance calls see the dropped label (null_class is required when
+    label_dropout > 0 or with guidance). `guidance` adds CFG to the target (TrainingGuidance); `schedule` the
+    arXiv 2511.19065 weights (ImprovedSchedule), applied after the adaptive normalisation. Returns
+    per-sample losses [B].
 
     Caveat (measured on the 2-D toy): with a noisy target (lam < 1) and p > 0, the adaptive weight turns the
-    regression into a residual-weighted one whose minimiser is not the conditional mean. In 2-D that bias
+    regression into a residual-weighted one whose minimiser is not E[target | z_t]. In 2-D that bias
     ruins MFT (the toy uses p = 0 for MFT); with L summed over ~2e5 latent elements it is mild.
     """
 
@@ -482,7 +644,7 @@ class MeanFlowLoss:
         self,
         teacher: Model | None = None,
         *,
-        teacher_weight: float | None = None,
+        teacher_mix: float | None = None,
         time: TimeDistribution = TimeDistribution.logit_normal(-0.4, 1.0),
         shift: float = 1.0,
         fraction_r_neq_t: float = 0.25,
@@ -493,61 +655,70 @@ class MeanFlowLoss:
         adaptive_c: float = 1e-2,
         adaptive_squared: bool = False,
         label_dropout: float = 0.1,
+        null_class: int | None = None,
         guidance: TrainingGuidance | None = None,
         schedule: ImprovedSchedule | None = None,
     ):
-        lam = (1.0 if teacher is not None else 0.0) if teacher_weight is None else float(teacher_weight)
+        lam = (1.0 if teacher is not None else 0.0) if teacher_mix is None else float(teacher_mix)
         if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"teacher_weight (lambda) must be in [0, 1], got {teacher_weight!r}")
+            raise ValueError(f"teacher_mix (lambda) must be in [0, 1], got {teacher_mix!r}")
         if lam > 0 and teacher is None:
-            raise ValueError(f"teacher_weight={lam} mixes in a teacher velocity, but no teacher was given")
-        if derivative not in DERIVATIVES:
-            raise ValueError(f"unknown derivative {derivative!r}; choose one of {DERIVATIVES}")
-        if not fd_step > 0:
-            raise ValueError(f"fd_step must be > 0, got {fd_step!r}")
+            raise ValueError(f"teacher_mix={lam} mixes in a teacher velocity, but no teacher was given")
+        _check_step(fd_step)
         if adaptive_p < 0 or adaptive_c < 0:
             raise ValueError(f"adaptive_p and adaptive_c must be >= 0, got {adaptive_p!r}, {adaptive_c!r}")
-        if not 0.0 <= label_dropout <= 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout!r}")
         if guidance is not None and guidance.source == "teacher" and teacher is None:
             raise ValueError("guidance source 'teacher' needs a teacher")
         self.teacher = _frozen(teacher)
-        self.teacher_weight = lam
+        self.teacher_mix = lam
         self.pairs = PairSampler(time, float(shift), float(fraction_r_neq_t), r_neq_t_layout)
-        self.derivative = derivative
-        self.fd_step = float(fd_step)
+        self.time_derivative = make_time_derivative(derivative, float(fd_step))
         self.adaptive_p = float(adaptive_p)
         self.adaptive_c = float(adaptive_c)
         self.adaptive_squared = bool(adaptive_squared)
-        self.label_dropout = float(label_dropout)
+        self.label_dropout = _check_label_dropout(label_dropout)
+        uses = [name for name, used in (("label dropout", label_dropout > 0), ("guidance", guidance is not None))
+                if used]
+        self.null_class = _check_null_class(null_class, " and ".join(uses))
         self.guidance = guidance
         self.schedule = schedule
-        self.gap_lambda = 1.0
+        self.beta_scale = 1.0  # lambda of arXiv 2511.19065: 1 / E[1 - (t - r)] over the r != t rows
         self.alpha_norm = 1.0
         if schedule is not None:
-            self.gap_lambda = 1.0 / (1.0 - self.pairs.expected_gap(schedule.lambda_method))
+            self.beta_scale = 1.0 / (1.0 - self.pairs.expected_gap(schedule.beta_scale_method))
             if schedule.alpha == "min_snr":
                 self.alpha_norm = self.pairs.mean_over_r_equal_t_rows(
                     lambda t: min_snr_velocity_weight(t, schedule.gamma, self.pairs.shift))
 
-    # -- pieces (public so tests and callers can check each equation) ---------------------------
+    # -- the objective ---------------------------------------------------------------------------
 
-    def mixed_velocity(self, x: Tensor, noise: Tensor, z: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """w = (1 - lam) (e - x) + lam v_teacher(z_t, t, y)."""
-        one_point = conditional_velocity(x, noise)
-        if self.teacher_weight == 0.0:
-            return one_point
-        v_teacher = _call_frozen(self.teacher, z, t, y).to(z.dtype)
-        if self.teacher_weight == 1.0:
-            return v_teacher
-        return (1.0 - self.teacher_weight) * one_point + self.teacher_weight * v_teacher
+    def __call__(self, net: Model, x: Tensor, y: Tensor, step: int = 0) -> Tensor:
+        _check_batch(x, y)
+        y = drop_labels(y, self.label_dropout, self.null_class)  # once per sample, before every call
+        t, r = self.pairs.sample(x.shape[0], x.device)  # r <= t
+        noise = torch.randn_like(x)
+        z = interpolate(x, noise, t)  # z_t = (1 - t) x + t e
+        w = mixed_velocity(one_point_velocity(x, noise), self.teacher_velocity(z, t, y), self.teacher_mix)
+        w = self.guided_velocity(net, w, z, t, y)  # v_tilde (MeanFlow Eq. 19); w without guidance
+        u, u_tgt = self.prediction_and_target(net, z, t, r, y, w)  # u_tgt = sg(w - (t - r) du/dt)
+        loss = adaptive_weighting(per_sample((u - u_tgt).square(), "sum"), self.adaptive_p, self.adaptive_c,
+                                  self.adaptive_squared)
+        return loss if self.schedule is None else loss * self.row_weights(t, r, step).to(loss.dtype)
+
+    # -- its pieces (public so tests and callers can check each equation) -------------------------
+
+    def teacher_velocity(self, z: Tensor, t: Tensor, y: Tensor) -> Tensor | None:
+        """v_teacher(z_t, t, y) of the frozen teacher in z's dtype; None (not called) when teacher_mix = 0."""
+        if self.teacher_mix == 0.0:
+            return None
+        return _call_frozen(self.teacher, z, t, y).to(z.dtype)
 
     def guided_velocity(self, net: Model, w: Tensor, z: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """v_tilde of TrainingGuidance on rows with t in the interval and a real label; w elsewhere."""
         g = self.guidance
         if g is None:
             return w
-        null = null_class_of(net)
+        null = self.null_class
         active = (t >= g.t_min) & (t <= g.t_max) & (y != null)
         if not bool(active.any()):
             return w
@@ -556,78 +727,37 @@ class MeanFlowLoss:
         both = _call_frozen(source, torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
         u_cond, u_null = both[:n].to(w.dtype), both[n:].to(w.dtype)
         guided = g.omega * w + g.kappa * u_cond + (1.0 - g.omega - g.kappa) * u_null
-        return torch.where(broadcast_time(active, w).bool(), guided, w)
+        return torch.where(unsqueeze_like(active, w).bool(), guided, w)
 
-    def prediction_and_target(
-        self, net: Model, z: Tensor, t: Tensor, r: Tensor, y: Tensor, v: Tensor, num_gap: int | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """(u_theta(z, r, t, y) with grad, u_tgt = sg(v - (t - r) du/dt)); r = t rows get u_tgt = v exactly.
+    def gap_rows(self, t: Tensor, r: Tensor) -> GapRows:
+        """The r != t rows as the pair sampler lays them out: a leading slice ("prefix") or found ("random")."""
+        count = self.pairs.num_gap_rows(t.shape[0])
+        return GapRows.find(t, r) if count is None else GapRows.leading(t.shape[0], count)
 
-        num_gap: when the r != t rows are exactly the first `num_gap` rows (PairSampler layout "prefix"), they
-        are taken as static slices; otherwise they are found from the data (`nonzero`, one host sync on GPU).
+    def prediction_and_target(self, net: Model, z: Tensor, t: Tensor, r: Tensor, y: Tensor, w: Tensor,
+                              rows: GapRows | None = None) -> tuple[Tensor, Tensor]:
+        """(u_theta(z, r, t, y) with grad, u_tgt = `meanflow_target` on the r != t rows and w on the rest).
+
+        rows: the r != t rows (default `gap_rows(t, r)`, i.e. as this objective's pair sampler lays them out).
         """
-        if self.derivative == "finite_difference_fused":
-            d = self.fd_step
-            u_all = net(torch.cat([z, z + d * v, z - d * v]), torch.cat([t, t + d, t - d]), torch.cat([y, y, y]),
-                        r=torch.cat([r, r, r]))
-            u, u_plus, u_minus = u_all.chunk(3)
-            dudt = ((u_plus - u_minus) / (2 * d)).detach()
-            target = torch.where(broadcast_time(r != t, v).bool(), v - broadcast_time(t - r, v) * dudt, v)
-            return u, target.detach()
-
-        if num_gap is not None:
-            rows_gap, rows_eq, count = slice(0, num_gap), slice(num_gap, None), num_gap
-        else:
-            gap = r != t
-            rows_gap, rows_eq = gap.nonzero().squeeze(1), (~gap).nonzero().squeeze(1)
-            count = rows_gap.numel()
-        target = v.detach().clone()
-        if self.derivative == "finite_difference" or count == 0:
-            u = net(z, t, y, r=r)
-            if count:
-                dudt = finite_difference_derivative(net, z[rows_gap], t[rows_gap], r[rows_gap], y[rows_gap],
-                                                    v[rows_gap], self.fd_step)
-                target[rows_gap] = v[rows_gap] - broadcast_time((t - r)[rows_gap], dudt) * dudt
-            return u, target.detach()
-
-        # JVP: exact derivative on the r != t rows (its primal is their prediction), plain forward on the rest.
-        u_gap, dudt = jvp_with_primal(net, z[rows_gap], t[rows_gap], r[rows_gap], y[rows_gap], v[rows_gap])
-        target[rows_gap] = v[rows_gap] - broadcast_time((t - r)[rows_gap], dudt) * dudt
-        if count == z.shape[0]:
-            return u_gap, target.detach()
-        u_eq = net(z[rows_eq], t[rows_eq], y[rows_eq], r=r[rows_eq])
-        u = torch.cat([u_gap, u_eq])
-        if num_gap is None:  # back to batch order
-            u = u[torch.argsort(torch.cat([rows_gap, rows_eq]))]
-        return u, target.detach()
+        rows = self.gap_rows(t, r) if rows is None else rows
+        u, dudt = self.time_derivative(net, z, t, r, y, w, rows)
+        u_tgt = w.detach().clone()
+        if rows.count:
+            u_tgt[rows.index] = meanflow_target(*rows.take(w), dudt, *rows.take(t, r))
+        return u, u_tgt
 
     def row_weights(self, t: Tensor, r: Tensor, step: int) -> Tensor:
-        """Per-row 2511.19065 weights: beta(t - r, s) on r != t rows, alpha(t) on r = t rows (1 without a schedule)."""
+        """Per-row arXiv 2511.19065 weights: beta(t - r, s) on r != t rows, alpha(t) on r = t rows (1 without a
+        schedule)."""
         if self.schedule is None:
             return torch.ones_like(t)
-        beta = progressive_gap_weight(t - r, self.schedule.progress(step), self.gap_lambda)
+        beta = progressive_gap_weight(t - r, self.schedule.progress(step), self.beta_scale)
         if self.schedule.alpha == "min_snr":
             alpha = min_snr_velocity_weight(t, self.schedule.gamma, self.pairs.shift) / self.alpha_norm
         else:
             alpha = torch.ones_like(t)
         return torch.where(r != t, beta, alpha)
-
-    # -- the objective ---------------------------------------------------------------------------
-
-    def __call__(self, net: Model, x: Tensor, y: Tensor, step: int = 0) -> Tensor:
-        _check_batch(x, y)
-        y = drop_labels(y, self.label_dropout, null_class_of(net)) if self.label_dropout else y
-        t, r = self.pairs.sample(x.shape[0], x.device)
-        noise = torch.randn_like(x)
-        z = interpolate(x, noise, t)
-        v = self.mixed_velocity(x, noise, z, t, y)
-        v = self.guided_velocity(net, v, z, t, y)
-        u, u_tgt = self.prediction_and_target(net, z, t, r, y, v, self.pairs.num_gap_rows(x.shape[0]))
-        sq_error = per_sample((u - u_tgt).square(), "sum")
-        loss = adaptive_weighting(sq_error, self.adaptive_p, self.adaptive_c, self.adaptive_squared)
-        if self.schedule is not None:
-            loss = loss * self.row_weights(t, r, step).to(loss.dtype)
-        return loss
 
 
 __all__ = [
@@ -639,11 +769,19 @@ __all__ = [
     "TrajectoryPairs",
     "trajectory_pairs",
     "drop_labels",
-    "adaptive_weighting",
     "per_sample",
+    "adaptive_weighting",
+    "mixed_velocity",
+    "meanflow_target",
     "progressive_gap_weight",
     "min_snr_velocity_weight",
     "finite_difference_derivative",
     "jvp_with_primal",
-    "meanflow_time_derivative",
+    "GapRows",
+    "TimeDerivative",
+    "FiniteDifference",
+    "FusedFiniteDifference",
+    "JVP",
+    "make_time_derivative",
+    "DERIVATIVES",
 ]

@@ -1,13 +1,13 @@
 """Probability path, training-time distributions, the dimension-dependent shift and the MeanFlow pair sampler.
 
-Convention (meanflow_spec 0, rae_spec 8.1): t = 1 is noise, t = 0 is data.
+Convention (as MeanFlow, arXiv 2505.13447 Sec. 3, with a_t = 1 - t, b_t = t): t = 1 is noise, t = 0 is data.
 
     z_t = (1 - t) x + t e,        e ~ N(0, I)                       linear (rectified-flow) path
-    v   = dz_t/dt = e - x                                             one-point (conditional) velocity
-    u(z_t, r, t) = 1/(t - r) int_r^t v(z_tau, tau) dtau,  r <= t      average velocity (MeanFlow)
+    v   = dz_t/dt = e - x                                             one-point velocity (of one pair (x, e))
+    u(z_t, r, t) = 1/(t - r) int_r^t v(z_tau, tau) dtau,  r <= t      average velocity (MeanFlow Eq. 3)
 
 Training times are drawn from a base distribution p(t) on [low, high] and then pushed through the
-shift (rae_spec 8.2, SD3-style)
+resolution-dependent shift of RAE (arXiv 2510.11690; the SD3 time shift)
 
     shift_a(t) = a t / (1 + (a - 1) t),    a = sqrt(C H W / 4096),
 
@@ -32,7 +32,7 @@ from torch import Tensor
 TimeKind = Literal["uniform", "logit_normal"]
 TIME_KINDS: tuple[str, ...] = ("uniform", "logit_normal")
 
-SHIFT_BASE_DIM = 4096  # rae_spec 8.2: time_dist_shift_base
+SHIFT_BASE_DIM = 4096  # the base dimension of the RAE shift (its time_dist_shift_base)
 
 
 #################################################################################
@@ -40,8 +40,9 @@ SHIFT_BASE_DIM = 4096  # rae_spec 8.2: time_dist_shift_base
 #################################################################################
 
 
-def broadcast_time(t: Tensor | float, like: Tensor) -> Tensor:
-    """A per-sample time [B] (or a scalar) as [B, 1, ..., 1] in the dtype of `like`, ready to broadcast."""
+def unsqueeze_like(t: Tensor | float, like: Tensor) -> Tensor:
+    """A per-sample value [B] (a time, a gap, a row mask) or a scalar as [B, 1, ..., 1] in the dtype of `like`,
+    ready to broadcast against it. (`mfrae.layers.broadcast_time` is the other direction: scalar or [B] -> [B].)"""
     t = torch.as_tensor(t, device=like.device, dtype=like.dtype)
     if t.dim() == 0:
         return t
@@ -54,12 +55,14 @@ def interpolate(x: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
     """z_t = (1 - t) x + t e: data at t = 0, pure noise at t = 1."""
     if x.shape != noise.shape:
         raise ValueError(f"data and noise shapes differ: {tuple(x.shape)} vs {tuple(noise.shape)}")
-    t = broadcast_time(t, x)
+    t = unsqueeze_like(t, x)
     return (1 - t) * x + t * noise
 
 
-def conditional_velocity(x: Tensor, noise: Tensor) -> Tensor:
-    """One-point velocity dz_t/dt = e - x (the regression target of flow matching)."""
+def one_point_velocity(x: Tensor, noise: Tensor) -> Tensor:
+    """The velocity dz_t/dt = e - x of the single pair (x, e): an unbiased one-sample estimate of the marginal
+    velocity E[e - x | z_t] (MF-RAE's one-point velocity estimator; v_t of MeanFlow Sec. 3), the regression
+    target of flow matching."""
     if x.shape != noise.shape:
         raise ValueError(f"data and noise shapes differ: {tuple(x.shape)} vs {tuple(noise.shape)}")
     return noise - x
@@ -104,8 +107,8 @@ class TimeDistribution:
     kind="logit_normal":  t = sigmoid(n), n ~ N(mu, sigma^2), truncated to [low, high] (sampled by the
                           inverse CDF, so low = 0, high = 1 is the plain logit-normal of MeanFlow).
 
-    MeanFlow's default is logit_normal(-0.4, 1) on [0, 1]; the RAE flow-matching configs use
-    logit_normal(0, 1) (or uniform) on [0, 0.999].
+    MeanFlow's default is logit_normal(-0.4, 1) on [0, 1] (arXiv 2505.13447 Sec. 4.3); the RAE flow-matching
+    configs and MF-RAE use logit_normal(0, 1) or uniform on [0, 0.999] (docs/meanflow.md).
     """
 
     kind: TimeKind = "logit_normal"
@@ -115,10 +118,10 @@ class TimeDistribution:
     high: float = 1.0
 
     def __post_init__(self):
-        if self.kind not in TIME_KINDS:
-            raise ValueError(f"unknown time distribution kind {self.kind!r}; choose one of {TIME_KINDS}")
         if not 0.0 <= self.low < self.high <= 1.0:
             raise ValueError(f"time bounds must satisfy 0 <= low < high <= 1, got low={self.low!r}, high={self.high!r}")
+        if self.kind not in TIME_KINDS:
+            raise ValueError(f"unknown time distribution kind {self.kind!r}; choose one of {TIME_KINDS}")
         if self.kind == "logit_normal" and not self.sigma > 0:
             raise ValueError(f"logit-normal sigma must be > 0, got {self.sigma!r}")
 
@@ -182,15 +185,17 @@ def _gauss_legendre_01(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class PairSampler:
-    """(t, r) pairs for MeanFlow (meanflow_spec 2.1, 4.2).
+    """(t, r) pairs for MeanFlow (MeanFlow arXiv 2505.13447 Sec. 4.3, "Sampling time steps"; MF-RAE draws
+    both times shifted, docs/meanflow.md).
 
     Two iid times from `time`, both shifted by `shift`, sorted so that r = min <= t = max; then rows keep
     r != t and the others set r := t. The r = t rows therefore carry t = max of the two draws, as in the
     official samplers. Which rows keep r != t (`layout`):
-      "random": each row independently with probability `fraction_r_neq_t` (an iid mask, as the PyTorch ports);
-      "prefix": exactly the first round(fraction_r_neq_t * n) rows (the official JAX layout; the batch order is
-                random already). The subset is then a static slice: no host-device sync, one shape for
-                torch.compile.
+      "random": each row independently with probability `fraction_r_neq_t` (an iid mask, as the PyTorch ports
+                and MF-RAE);
+      "prefix": exactly the first round(fraction_r_neq_t * n) rows (the layout of the official JAX MeanFlow;
+                the batch order is random already). The subset is then a static slice: no host-device sync,
+                one shape for torch.compile.
     """
 
     time: TimeDistribution = TimeDistribution()
@@ -253,9 +258,9 @@ class PairSampler:
 __all__ = [
     "TimeDistribution",
     "PairSampler",
-    "broadcast_time",
+    "unsqueeze_like",
     "interpolate",
-    "conditional_velocity",
+    "one_point_velocity",
     "time_shift",
     "dimension_shift",
     "SHIFT_BASE_DIM",

@@ -1,9 +1,14 @@
 """Samplers: ODE integration of a velocity model (Euler / Heun, optionally guided) and MeanFlow k-step jumps.
 
-Velocity models are called as `model(z, t, y)`; MeanFlow students as `model(z, t, y, r=r)` (average
-velocity over [r, t]). Time runs from t = 1 (noise) down to the end of the grid.
+Two levels, for both kinds of model:
 
-ODE sampling (rae_spec 8.3): the released RAE configs integrate dz/dt = v(z, t) with Euler on the grid
+    solve_ode(velocity, noise, grid)          integrate dz/dt = v(z, t) for a velocity function v(z, t)
+    flow_matching_sample(model, noise, y)     a velocity model `model(z, t, y)` (guided or not) on the shifted grid
+    meanflow_sample(model, noise, y, steps)   a MeanFlow model `model(z, t, y, r=r)`: k average-velocity jumps
+
+Time runs from t = 1 (noise) down to the end of the grid.
+
+ODE sampling (the released RAE sampler, arXiv 2510.11690): Euler on the shifted grid
 
     t_i = shift_a(1 - (1 - t_end) i / (N - 1)),   i = 0..N-1,   N = 50, t_end = 0.001,
 
@@ -11,12 +16,12 @@ i.e. 49 network evaluations at t_0 = 1.0, t_1 = 0.997005, ... and an end state a
 a = sqrt(48), decoded as is (no final denoising step). Heun (torchdiffeq "heun2") uses the same grid
 with two evaluations per step.
 
-Guidance (rae_spec 8.4), applied only to rows whose t lies in [t_min, t_max] (inclusive):
+Guidance, applied only to rows whose t lies in [t_min, t_max] (inclusive):
 
-    CFG:           v = v(z, t, null) + w (v(z, t, y) - v(z, t, null))
-    AutoGuidance:  v = v_weak(z, t, y) + w (v(z, t, y) - v_weak(z, t, y))
+    CFG (Ho & Salimans, arXiv 2207.12598):        v = v(z, t, null) + w (v(z, t, y) - v(z, t, null))
+    AutoGuidance (Karras et al., arXiv 2406.02507): v = v_weak(z, t, y) + w (v(z, t, y) - v_weak(z, t, y))
 
-MeanFlow sampling (meanflow_spec 2.7, 4.7) on a grid 1 = t_0 > t_1 > ... > t_k = 0:
+MeanFlow sampling (MeanFlow arXiv 2505.13447 Eq. 12, Alg. 2) on a grid 1 = t_0 > t_1 > ... > t_k = 0:
 
     z <- z - (t_i - t_{i+1}) u(z, r = t_{i+1}, t = t_i);   1 step: x = e - u(e, 0, 1).
 """
@@ -29,7 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from mfrae.flow.paths import broadcast_time, time_shift
+from mfrae.flow.paths import time_shift, unsqueeze_like
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 """v(z, t): a velocity field with the label (and any guidance) already bound; t is float32 [B]."""
@@ -57,7 +62,7 @@ def _check_grid(grid: Tensor, name: str = "grid") -> Tensor:
 def ode_grid(num_points: int = 50, shift: float = 1.0, t_end: float = 0.001) -> Tensor:
     """Shifted sampling grid t_i = shift_a(1 - (1 - t_end) i / (num_points - 1)), float64 [num_points].
 
-    The defaults with shift = sqrt(48) reproduce the released RAE 256 grid (rae_spec 8.3 / 12.5).
+    The defaults with shift = sqrt(48) reproduce the grid of the released RAE ImageNet-256 sampler.
     """
     if num_points < 2:
         raise ValueError(f"an ODE grid needs at least 2 points, got num_points={num_points!r}")
@@ -91,8 +96,8 @@ def _check_interval(interval: tuple[float, float]) -> tuple[float, float]:
     return t_min, t_max
 
 
-def conditional_velocity_fn(model: Callable[..., Tensor], y: Tensor) -> VelocityFn:
-    """v(z, t) = model(z, t, y): plain conditional sampling."""
+def labelled_velocity_fn(model: Callable[..., Tensor], y: Tensor) -> VelocityFn:
+    """v(z, t) = model(z, t, y): the model with the labels `y` bound, no guidance."""
     return lambda z, t: model(z, t, y)
 
 
@@ -105,12 +110,12 @@ def cfg_velocity_fn(
 ) -> VelocityFn:
     """Classifier-free guidance: v = v(z,t,null) + scale (v(z,t,y) - v(z,t,null)) for t in the interval, else v(z,t,y).
 
-    Conditional and unconditional rows go through the model as one doubled batch [z; z], [y; null]
-    (as the official `forward_with_cfg`); scale = 1 is plain conditional sampling.
+    Labelled and null-label rows go through the model as one doubled batch [z; z], [y; null]
+    (as the official `forward_with_cfg`); scale = 1 is `labelled_velocity_fn`, one call of B rows.
     """
     interval = _check_interval(interval)
     if scale == 1.0:
-        return conditional_velocity_fn(model, y)
+        return labelled_velocity_fn(model, y)
     null = getattr(model, "null_class", None) if null_class is None else null_class
     if null is None:
         raise ValueError("classifier-free guidance needs the null label: the model has no `null_class`; "
@@ -123,7 +128,7 @@ def cfg_velocity_fn(
         labels = torch.cat([y, torch.full_like(y, null)])
         v_cond, v_uncond = model(torch.cat([z, z]), torch.cat([t, t]), labels).chunk(2)
         v_guided = v_uncond + scale * (v_cond - v_uncond)
-        return torch.where(broadcast_time(guided, z).bool(), v_guided, v_cond)
+        return torch.where(unsqueeze_like(guided, z).bool(), v_guided, v_cond)
 
     return velocity
 
@@ -136,10 +141,10 @@ def autoguidance_velocity_fn(
     interval: tuple[float, float] = (0.0, 1.0),
 ) -> VelocityFn:
     """AutoGuidance (Karras et al. 2024): v = v_weak(z,t,y) + scale (v(z,t,y) - v_weak(z,t,y)) for t in the
-    interval, else v(z,t,y). Both models see the real label (rae_spec 8.4; the official interval is [0, 1])."""
+    interval, else v(z,t,y). Both models see the real label (as the released RAE sampler, whose interval is [0, 1])."""
     interval = _check_interval(interval)
     if scale == 1.0:
-        return conditional_velocity_fn(model, y)
+        return labelled_velocity_fn(model, y)
 
     def velocity(z: Tensor, t: Tensor) -> Tensor:
         v_main = model(z, t, y)
@@ -147,7 +152,7 @@ def autoguidance_velocity_fn(
         if not bool(guided.any()):
             return v_main
         v_weak = weak_model(z, t, y)
-        return torch.where(broadcast_time(guided, z).bool(), v_weak + scale * (v_main - v_weak), v_main)
+        return torch.where(unsqueeze_like(guided, z).bool(), v_weak + scale * (v_main - v_weak), v_main)
 
     return velocity
 
@@ -158,7 +163,7 @@ def autoguidance_velocity_fn(
 
 
 @torch.no_grad()
-def ode_sample(
+def solve_ode(
     velocity: VelocityFn,
     noise: Tensor,
     grid: Tensor | Sequence[float],
@@ -194,7 +199,7 @@ def ode_sample(
     return (z, torch.stack(states)) if return_trajectory else z
 
 
-def sample_ode(
+def flow_matching_sample(
     model: nn.Module | Callable[..., Tensor],
     noise: Tensor,
     y: Tensor,
@@ -207,14 +212,15 @@ def sample_ode(
     weak_model: nn.Module | Callable[..., Tensor] | None = None,
     autoguidance_scale: float = 1.0,
 ) -> Tensor:
-    """Convenience wrapper: teacher sampling on the shifted grid with optional CFG or AutoGuidance (not both)."""
+    """Samples of a velocity model `model(z, t, y)` (a flow-matching teacher): `solve_ode` on
+    `ode_grid(num_points, shift, t_end)` with optional CFG or AutoGuidance (not both)."""
     if weak_model is not None and cfg_scale != 1.0:
         raise ValueError("choose either classifier-free guidance (cfg_scale) or AutoGuidance (weak_model), not both")
     if weak_model is not None:
         velocity = autoguidance_velocity_fn(model, weak_model, y, autoguidance_scale, cfg_interval)
     else:
         velocity = cfg_velocity_fn(model, y, cfg_scale, cfg_interval)
-    return ode_sample(velocity, noise, ode_grid(num_points, shift, t_end), method)
+    return solve_ode(velocity, noise, ode_grid(num_points, shift, t_end), method)
 
 
 #################################################################################
@@ -230,7 +236,8 @@ def meanflow_sample(
     steps: int | Tensor | Sequence[float] = 1,
     return_trajectory: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """MeanFlow k-step sampling: z <- z - (t_i - t_{i+1}) u(z, r = t_{i+1}, t = t_i) along the grid.
+    """MeanFlow k-step sampling: z <- z - (t_i - t_{i+1}) u(z, r = t_{i+1}, t = t_i) along the grid
+    (MeanFlow arXiv 2505.13447 Eq. 12).
 
     `steps` is a number of uniform jumps (1 -> [1, 0], 2 -> [1, 0.5, 0], ...) or an explicit strictly
     decreasing grid. Returns the end state, or (end state, states [k + 1, *noise.shape]).
@@ -248,14 +255,16 @@ def meanflow_sample(
     return (z, torch.stack(states)) if return_trajectory else z
 
 
+
 __all__ = [
     "VelocityFn",
+    "ODE_METHODS",
     "ode_grid",
     "meanflow_grid",
-    "conditional_velocity_fn",
+    "labelled_velocity_fn",
     "cfg_velocity_fn",
     "autoguidance_velocity_fn",
-    "ode_sample",
-    "sample_ode",
+    "solve_ode",
+    "flow_matching_sample",
     "meanflow_sample",
 ]

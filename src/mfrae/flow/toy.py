@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from mfrae.fitting import fit
 from mfrae.flow.objectives import CMTLoss, FlowMatchingLoss, MeanFlowLoss
 from mfrae.flow.paths import TimeDistribution
-from mfrae.flow.samplers import conditional_velocity_fn, meanflow_sample, ode_grid, ode_sample
+from mfrae.flow.samplers import labelled_velocity_fn, meanflow_sample, ode_grid, solve_ode
+from mfrae.layers import broadcast_time
 
 OBJECTIVES: tuple[str, ...] = ("fm", "cmt", "mfd", "mft")
 # CMT regresses onto fixed targets and converges sooner; its steps also cost more (15 teacher calls each).
@@ -38,15 +40,6 @@ DEFAULT_STEPS: dict[str, int] = {"fm": 6000, "cmt": 3000, "mfd": 6000, "mft": 60
 #################################################################################
 #                      Gaussian mixture with a closed-form flow                 #
 #################################################################################
-
-
-def _as_time(t: Tensor | float, z: Tensor) -> Tensor:
-    t = torch.as_tensor(t, dtype=torch.float64, device=z.device)
-    if t.dim() == 0:
-        t = t.expand(z.shape[0])
-    if t.shape != (z.shape[0],):
-        raise ValueError(f"time must be a scalar or have shape [{z.shape[0]}], got {tuple(t.shape)}")
-    return t
 
 
 class GaussianMixture:
@@ -109,7 +102,7 @@ class GaussianMixture:
     def velocity(self, z: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
         """Closed-form marginal velocity E[e - x | z_t = z] (float64 math, returned in z's dtype)."""
         z64 = z.double()
-        t64 = _as_time(t, z64)
+        t64 = broadcast_time(t, z64)
         logits, diff, var = self._component_logits(z64, t64, y)
         post = torch.softmax(logits, dim=1)  # [B, K]
         coef = ((t64 - (1 - t64) * self.std**2) / var)[:, None]
@@ -124,7 +117,7 @@ class GaussianMixture:
     def log_prob(self, z: Tensor, t: Tensor | float) -> Tensor:
         """Exact log-density of z_t (float64), for checks of the velocity through the score."""
         z64 = z.double()
-        t64 = _as_time(t, z64)
+        t64 = broadcast_time(t, z64)
         logits, _, var = self._component_logits(z64, t64, None)
         return torch.logsumexp(logits, dim=1) - 0.5 * self.dim * torch.log(2 * math.pi * var)
 
@@ -133,7 +126,7 @@ class GaussianMixture:
     ) -> Tensor:
         """Phi_{t -> r}(z): RK4 integration of dz/dtau = v(z, tau) from tau = t to tau = r (per row), float64."""
         z64 = z.double()
-        t64, r64 = _as_time(t, z64), _as_time(r, z64)
+        t64, r64 = broadcast_time(t, z64), broadcast_time(r, z64)
         h = ((r64 - t64) / num_steps)[:, None]
         tau = t64
         for _ in range(num_steps):
@@ -149,7 +142,7 @@ class GaussianMixture:
                          num_steps: int = 200) -> Tensor:
         """Oracle h(z, r, t) = (z - Phi_{t->r}(z)) / (t - r); equals v(z, t) where r = t."""
         z64 = z.double()
-        t64, r64 = _as_time(t, z64), _as_time(r, z64)
+        t64, r64 = broadcast_time(t, z64), broadcast_time(r, z64)
         gap = (t64 - r64)[:, None]
         safe_gap = torch.where(gap > 0, gap, torch.ones_like(gap))
         h = (z64 - self.flow(z64, t64, r64, y, num_steps)) / safe_gap
@@ -209,14 +202,6 @@ class ToyMeanFlowNet(nn.Module):
     def null_class(self) -> int:
         return self.num_classes
 
-    def _time(self, value: Tensor | float, x: Tensor, name: str) -> Tensor:
-        value = torch.as_tensor(value, device=x.device, dtype=x.dtype)
-        if value.dim() == 0:
-            value = value.expand(x.shape[0])
-        if value.shape != (x.shape[0],):
-            raise ValueError(f"{name} must be a scalar or have shape [{x.shape[0]}], got {tuple(value.shape)}")
-        return value
-
     def _features(self, s: Tensor) -> Tensor:
         angles = s[:, None] * self.freqs[None]
         return torch.cat([s[:, None], angles.sin(), angles.cos()], dim=1)
@@ -225,10 +210,10 @@ class ToyMeanFlowNet(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"toy net expects x of shape [B, {self.dim}], got {tuple(x.shape)}")
         x = x.to(self.freqs.dtype)
-        t = self._time(t, x, "t")
+        t = broadcast_time(t, x, "t")
         parts = [x, self._features(t)]
         if self.interval_embedding:
-            r = t if r is None else self._time(r, x, "r")
+            r = t if r is None else broadcast_time(r, x, "r")
             parts.append(self._features(t - r))
         elif r is not None:
             raise ValueError("this toy net is a velocity model (interval_embedding=False); call it without r")
@@ -312,15 +297,16 @@ class ToyConfig:
 def build_objective(cfg: ToyConfig, mixture: GaussianMixture):
     """The library objective for the toy: no shift, no label dropout (the toy is unconditional)."""
     time_dist = TimeDistribution.logit_normal(cfg.time_mu, cfg.time_sigma)
+    null = mixture.null_class
     if cfg.objective == "fm":
-        return FlowMatchingLoss(time=time_dist, label_dropout=0.0)
+        return FlowMatchingLoss(time=time_dist, label_dropout=0.0, null_class=null)
     if cfg.objective == "cmt":
         # t_end = 0: the closed-form teacher is fine at t = 0, so the trajectories end on data.
         return CMTLoss(mixture, grid_points=16, t_end=0.0, solver=cfg.cmt_solver,
-                       pairs_per_trajectory=cfg.cmt_pairs_per_trajectory, label_dropout=0.0)
+                       pairs_per_trajectory=cfg.cmt_pairs_per_trajectory, label_dropout=0.0, null_class=null)
     teacher = mixture if cfg.objective == "mfd" else None
     return MeanFlowLoss(teacher, time=time_dist, fraction_r_neq_t=cfg.fraction_r_neq_t, derivative=cfg.derivative,
-                        adaptive_p=cfg.adaptive_p, label_dropout=0.0)
+                        adaptive_p=cfg.adaptive_p, label_dropout=0.0, null_class=null)
 
 
 def build_net(cfg: ToyConfig, mixture: GaussianMixture) -> ToyMeanFlowNet:
@@ -329,33 +315,27 @@ def build_net(cfg: ToyConfig, mixture: GaussianMixture) -> ToyMeanFlowNet:
 
 
 def train_toy(cfg: ToyConfig, mixture: GaussianMixture | None = None) -> tuple[ToyMeanFlowNet, list[float]]:
-    """Adam with a cosine decay to 5% of lr. Returns the EMA of the weights (eval mode, requires_grad off)
-    and the per-step mean losses."""
+    """Adam with a cosine decay to 5% of lr (`mfrae.fitting.fit`), fresh mixture samples every step. Returns
+    the EMA of the weights (eval mode, requires_grad off) and the per-step mean losses."""
     mixture = GaussianMixture.default() if mixture is None else mixture
     torch.manual_seed(cfg.seed)
     net = build_net(cfg, mixture)
     objective = build_objective(cfg, mixture)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(i, cfg.steps) / cfg.steps)))
     # CMT: each data row stands for one teacher trajectory, cut into cmt_pairs_per_trajectory pairs.
     batch = cfg.cmt_trajectories if cfg.objective == "cmt" else cfg.batch_size
     labels = torch.full((batch,), mixture.null_class, dtype=torch.long)
     ema = copy.deepcopy(net).requires_grad_(False)
     params, ema_params = list(net.parameters()), list(ema.parameters())
-    losses: list[float] = []
+
+    @torch.no_grad()
+    def update_ema(step: int) -> None:  # EMA with a warm-up, so early weights do not linger
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        for p_ema, p in zip(ema_params, params):
+            p_ema.lerp_(p, 1 - decay)
+
     net.train()
-    for step in range(cfg.steps):
-        loss = objective(net, mixture.sample(batch), labels, step).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():  # EMA with a warm-up, so early weights do not linger
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for p_ema, p in zip(ema_params, params):
-                p_ema.lerp_(p, 1 - decay)
-        losses.append(loss.item())
+    losses = fit(params, lambda step: objective(net, mixture.sample(batch), labels, step).mean(), steps=cfg.steps,
+                 lr=cfg.lr, final_lr_fraction=0.05, after_step=update_ema)
     return ema.eval(), losses
 
 
@@ -387,7 +367,7 @@ def evaluate_toy(net: nn.Module, mixture: GaussianMixture, num_samples: int = 20
     data_a, data_b = mixture.sample(num_samples, gen), mixture.sample(num_samples, gen)
     one_step = meanflow_sample(student, noise, labels, 1)
     two_step = meanflow_sample(student, noise, labels, 2)
-    ode = ode_sample(conditional_velocity_fn(net, labels), noise, ode_grid(50, 1.0, 0.0), "euler")
+    ode = solve_ode(labelled_velocity_fn(net, labels), noise, ode_grid(50, 1.0, 0.0), "euler")
     return {
         "mean_flow_error": float((u - h).norm() / h.norm()),
         "energy_distance_1step": energy_distance(one_step, data_a),
@@ -407,7 +387,7 @@ def teacher_map_error(
     noise = torch.randn(num_samples, mixture.dim, generator=gen)
     labels = torch.full((num_samples,), mixture.null_class, dtype=torch.long)
     h = mixture.average_velocity(noise, 0.0, 1.0, labels)
-    end = ode_sample(conditional_velocity_fn(mixture, labels), noise, ode_grid(16, 1.0, 0.0), solver)
+    end = solve_ode(labelled_velocity_fn(mixture, labels), noise, ode_grid(16, 1.0, 0.0), solver)
     return float(((noise - end) - h).norm() / h.norm())
 
 

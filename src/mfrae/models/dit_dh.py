@@ -11,7 +11,7 @@ z_r = z_t - (t - r) * u(z_t, r, t). Calling a student without r means r = t, so 
 instantaneous velocity. (The official MF-RAE code orders the arguments (x, r, t, y) and reads r=None
 as r = 0; the checkpoint loaders hide that difference.)
 
-Forward (RAE spec 6.4):
+Forward (RAE, arXiv 2510.11690, its DiT^DH with a wide DDT head; the details follow the official `DiTwDDTHead`, docs/checkpoints.md):
     c  = SiLU(e_t(t) [+ e_Delta(t - r)] + e_y(y))                   per-sample condition
     s  = blocks_enc(PatchEmbed_s(x) + pos, c)                          backbone, RoPE, adaLN
     s  = s_proj(SiLU(e_t(t) [+ e_Delta(t - r)] + s))                   per-token condition
@@ -36,6 +36,7 @@ from mfrae.layers import (
     RMSNorm,
     RotaryEmbedding2D,
     SwiGLU,
+    broadcast_time,
     modulate,
     sincos_2d,
     swiglu_hidden,
@@ -72,7 +73,8 @@ class DiTDHConfig:
         return asdict(self)
 
 
-# Official sizes (RAE spec 6.1): backbone (width, depth, heads); every size uses the 2048 x 2 x 16 DDT head.
+# Official sizes: backbone (width, depth, heads); every size uses the 2048 x 2 x 16 DDT head (RAE, arXiv 2510.11690;
+# where each size comes from: docs/checkpoints.md, section 3).
 DIT_DH_SIZES: dict[str, tuple[int, int, int]] = {
     "S": (384, 12, 6),
     "B": (768, 12, 12),
@@ -217,7 +219,7 @@ class DiTDH(nn.Module):
         return (self.config.in_channels, self.config.input_size, self.config.input_size)
 
     def initialize_weights(self) -> None:
-        """Official init (RAE spec 6.5): adaLN and output layers zero, so a fresh model predicts 0."""
+        """Official init (docs/checkpoints.md, section 3): adaLN and output layers zero, so a fresh model predicts 0."""
         for embedder in (self.x_embedder, self.s_embedder):
             nn.init.xavier_uniform_(embedder.proj.weight.view(embedder.proj.weight.shape[0], -1))
             nn.init.zeros_(embedder.proj.bias)
@@ -240,14 +242,6 @@ class DiTDH(nn.Module):
         if y.shape != (x.shape[0],):
             raise ValueError(f"labels must have shape [{x.shape[0]}], got {tuple(y.shape)}")
 
-    def _time(self, value: Tensor | float, x: Tensor, name: str) -> Tensor:
-        value = torch.as_tensor(value, device=x.device, dtype=torch.float32)
-        if value.dim() == 0:
-            value = value.expand(x.shape[0])
-        if value.shape != (x.shape[0],):
-            raise ValueError(f"{name} must be a scalar or have shape [{x.shape[0]}], got {tuple(value.shape)}")
-        return value.float()
-
     def _run(self, block: DiTDHBlock, x: Tensor, c: Tensor, rope: RotaryEmbedding2D) -> Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, x, c, rope, use_reentrant=False)
@@ -256,10 +250,10 @@ class DiTDH(nn.Module):
     def forward(self, x: Tensor, t: Tensor | float, y: Tensor, r: Tensor | float | None = None) -> Tensor:
         """Velocity v(x, t, y) for a teacher; average velocity u(x, r, t, y) for a student (r = t when omitted)."""
         self._check_inputs(x, y)
-        t = self._time(t, x, "t")
+        t = broadcast_time(t, x, "t", dtype=torch.float32)
         time_cond = self.t_embedder(t)
         if self.r_embedder is not None:
-            r = t if r is None else self._time(r, x, "r")
+            r = t if r is None else broadcast_time(r, x, "r", dtype=torch.float32)
             time_cond = time_cond + self.r_embedder(t - r)
         elif r is not None:
             raise ValueError("this DiT^DH has no interval embedding (a flow-matching teacher); call it without r")

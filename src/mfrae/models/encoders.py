@@ -1,7 +1,7 @@
 """Frozen representation encoders for the RAE, behind a small registry.
 
 An encoder maps images in [0, 1] to raw representation tokens [B, N, C] (N = grid^2, row-major patches),
-before any latent normalisation. The default is DINOv2-B with registers (RAE spec section 2); further
+before any latent normalisation. The default is DINOv2-B with registers (RAE, arXiv 2510.11690); further
 encoders register themselves with `@register_encoder(name)` and are built with `build_encoder(name, ...)`.
 Encoders are frozen: their weights never train and are never written into mfrae checkpoints.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,8 @@ class RepresentationEncoder(nn.Module):
 
     Subclasses set `input_size` (pixels seen by the network), `patch_size`, `hidden_size` and the
     `image_mean` / `image_std` buffers (the decoder predicts pixels in this normalised space), and implement
-    `features(images_normalised) -> [B, N, C]`.
+    `features(images_normalised) -> [B, N, C]`. An encoder that can show the outputs of its blocks (for
+    perceptual losses and discriminators) also sets `num_blocks` and overrides `feature_maps`.
     """
 
     name: str = "encoder"
@@ -57,17 +58,33 @@ class RepresentationEncoder(nn.Module):
         """A short string that identifies the weights (used to key latent caches)."""
         return self.name
 
+    @property
+    def num_blocks(self) -> int | None:
+        """How many blocks `feature_maps` can tap, or None when only the final tokens are exposed."""
+        return None
+
     def features(self, pixels: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, images: Tensor) -> Tensor:
-        """images [B, 3, H, W] in [0, 1] -> tokens [B, N, C]."""
+    def preprocess(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [0, 1] -> the network's input: resized to `input_size`, normalised."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"encoder expects RGB images [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
         if images.shape[-2:] != (self.input_size, self.input_size):
             # Plain bicubic (no antialias), as the reference pipeline does before normalisation.
             images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
-        return self.features((images - self.image_mean) / self.image_std)
+        return (images - self.image_mean) / self.image_std
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [0, 1] -> tokens [B, N, C]."""
+        return self.features(self.preprocess(images))
+
+    def feature_maps(self, images: Tensor, depths: Sequence[int] = ()) -> list[Tensor]:
+        """images in [0, 1] -> [final tokens] + [output of block d for d in `depths`], each [B, N, C] with the
+        prefix (CLS, register) tokens dropped. The base class exposes the final tokens only."""
+        if tuple(depths):
+            raise ValueError(f"encoder {self.name!r} exposes only its final tokens, not blocks {tuple(depths)}")
+        return [self(images)]
 
 
 #################################################################################
@@ -101,7 +118,7 @@ DINOV2_B_REG = "facebook/dinov2-with-registers-base"
 @register_encoder("dinov2")
 class DINOv2Encoder(RepresentationEncoder):
     """Hugging Face `Dinov2WithRegistersModel` with the final LayerNorm stripped of its affine,
-    the CLS and register tokens dropped (RAE spec 2).
+    the CLS and register tokens dropped, as the RAE encoder (arXiv 2510.11690; registers: arXiv 2309.16588).
 
     `path` is a Hub id (needs the network or a filled HF cache) or a local folder saved with
     `save_pretrained`. 224 px input gives a 16 x 16 grid for 256 px images, 448 px a 32 x 32 grid for 512 px.
@@ -138,9 +155,26 @@ class DINOv2Encoder(RepresentationEncoder):
     def fingerprint(self) -> str:
         return f"dinov2:{Path(self.path).name}:{self.input_size}"
 
+    @property
+    def num_blocks(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
     def features(self, pixels: Tensor) -> Tensor:
         tokens = self.model(pixel_values=pixels).last_hidden_state
         return tokens[:, self.num_prefix_tokens :]
+
+    def feature_maps(self, images: Tensor, depths: Sequence[int] = ()) -> list[Tensor]:
+        """Final tokens, then the output of each block in `depths` (before the final LayerNorm)."""
+        depths = tuple(int(d) for d in depths)
+        if not depths:
+            return [self(images)]
+        bad = [d for d in depths if not 0 <= d < self.num_blocks]
+        if bad:
+            raise ValueError(f"blocks {bad} are outside the encoder's {self.num_blocks} blocks")
+        out = self.model(pixel_values=self.preprocess(images), output_hidden_states=True)
+        skip = self.num_prefix_tokens
+        # hidden_states[0] is the embedding output, hidden_states[i + 1] the output of block i.
+        return [out.last_hidden_state[:, skip:]] + [out.hidden_states[d + 1][:, skip:] for d in depths]
 
 
 def _processor_normalisation(path) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -4,9 +4,10 @@ normalisation, and a trainable ViT pixel decoder.
     encode:  x in [0, 1] -> tokens = E(x) [+ sigma n in training] -> grid [C, g, g] -> (z - mean) / sqrt(var + eps)
     decode:  z -> z sqrt(var + eps) + mean -> tokens -> D(tokens) * image_std + image_mean   (not clamped)
 
-Noise augmentation (spec 5.1): in training mode with tau > 0, the raw tokens get sigma * n, n ~ N(0, I), with
-sigma drawn per sample; `noise_dist="uniform"` draws sigma = tau * U[0, 1) (the official code),
-`"halfnormal"` draws sigma = |N(0, tau^2)| (the paper). In eval mode no noise is added.
+Noise augmentation (the noise-augmented decoder training of RAE): in training mode with tau > 0, the raw
+tokens get sigma * n, n ~ N(0, I), with sigma drawn per sample; `noise_dist="uniform"` draws sigma = tau U[0, 1)
+(the official code), `"halfnormal"` draws sigma = |N(0, tau^2)| (the paper); see docs/rae.md. In eval mode no
+noise is added. `add_noise` is the one place the noise is drawn (the decoder's training loss uses it too).
 
 The encoder is frozen and excluded from `state_dict()`: checkpoints hold the decoder and the statistics only.
 """
@@ -87,8 +88,8 @@ class RAE(nn.Module):
             )
         if noise_dist not in NOISE_DISTRIBUTIONS:
             raise ValueError(f"noise_dist must be one of {NOISE_DISTRIBUTIONS}, got {noise_dist!r}")
-        if noise_tau < 0:
-            raise ValueError(f"noise_tau must be >= 0, got {noise_tau}")
+        if not (math.isfinite(noise_tau) and noise_tau >= 0):
+            raise ValueError(f"noise_tau must be a finite number >= 0, got {noise_tau}")
         self.encoder = encoder
         self.decoder = decoder
         self.stats = stats
@@ -128,13 +129,14 @@ class RAE(nn.Module):
     def add_noise(self, tokens: Tensor) -> Tensor:
         return noise_tokens(tokens, self.noise_tau, self.noise_dist)
 
-    def encode_tokens(self, images: Tensor) -> Tensor:
-        """Raw encoder tokens [B, N, C], noise-augmented in training mode."""
+    def encode_tokens(self, images: Tensor, noise: bool | None = None) -> Tensor:
+        """Raw encoder tokens [B, N, C] (no gradient to the encoder), noise-augmented when `noise` is True
+        (default: in training mode) and noise_tau > 0."""
         if self.encoder is None:
             raise ValueError("this RAE has no encoder (built for decoding only)")
         with torch.no_grad():
             tokens = self.encoder(images)
-        if self.training and self.noise_tau > 0:
+        if (self.training if noise is None else noise) and self.noise_tau > 0:
             tokens = self.add_noise(tokens)
         return tokens
 
@@ -143,11 +145,16 @@ class RAE(nn.Module):
         z = tokens_to_grid(self.encode_tokens(images))
         return self.stats.normalize(z) if self.stats is not None else z
 
+    def to_pixels(self, decoder_output: Tensor) -> Tensor:
+        """A decoder's output (the encoder's normalised pixel space) -> images in about [0, 1]; lets a caller
+        run the decoder itself (e.g. wrapped by DDP) and still un-normalise as the RAE does."""
+        return decoder_output * self.image_std + self.image_mean
+
     def decode_tokens(self, tokens: Tensor) -> Tensor:
         """Raw tokens [B, N, C] -> images [B, 3, H, W] (about [0, 1]; not clamped)."""
         if self.decoder is None:
             raise ValueError("this RAE has no decoder (built for encoding only)")
-        return self.decoder(tokens) * self.image_std + self.image_mean
+        return self.to_pixels(self.decoder(tokens))
 
     def decode(self, latents: Tensor) -> Tensor:
         """normalised latents [B, C, g, g] -> images [B, 3, H, W] (about [0, 1]; not clamped)."""

@@ -1,5 +1,5 @@
 """RAE pixel decoder: an MAE-style ViT that maps representation tokens back to image patches
-(RAE, arXiv 2510.11690, spec section 4; the official `GeneralDecoder`).
+(RAE, arXiv 2510.11690; the official `GeneralDecoder`, file layout in docs/checkpoints.md, section 5).
 
     tokens [B, N, C_enc] -> Linear -> [CLS; tokens] + fixed 2-D sin-cos pos-emb
                          -> L pre-LN ViT layers -> LayerNorm -> Linear(D -> p*p*3) -> drop CLS -> unpatchify
@@ -50,7 +50,8 @@ class ViTDecoderConfig:
         return asdict(self)
 
 
-# (width, layers, heads, MLP) of the released decoders (RAE spec 4.1).
+# (width, layers, heads, MLP) of the released ViT-B / L / XL decoders (RAE, arXiv 2510.11690, Table 1b; the widths
+# are those of the official decoder configs, docs/checkpoints.md, section 5).
 VIT_DECODER_SIZES: dict[str, tuple[int, int, int, int]] = {
     "B": (768, 12, 12, 3072),
     "L": (1024, 24, 16, 4096),

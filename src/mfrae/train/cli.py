@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from mfrae.config import to_dict
-from mfrae.train.config import STAGES, load_train_config, preset_names
+from mfrae.config import preset_names, to_dict
+from mfrae.train.config import STAGES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,17 +23,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mfrae.train.engine import TrainingDiverged, train
+    from mfrae.train.engine import TrainingDiverged
     from mfrae.train.runs import RunDir
+    from mfrae.train.stages import load_stage_config, train_stage
 
-    cfg = load_train_config(args.stage, args.config, args.set)
+    cfg = load_stage_config(args.stage, args.config, args.set)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     if not args.resume and RunDir(args.out).latest_checkpoint() is not None:
         raise ValueError(f"{args.out} already holds a run; pass --resume to continue it, or choose another --out")
     try:
-        last = train(cfg, Path(args.out), resume=args.resume, command=args.command_line)
+        last = train_stage(cfg, Path(args.out), resume=args.resume, command=args.command_line)
     except TrainingDiverged as err:
         print(f"mfrae train: {err}", file=sys.stderr)
         return 3

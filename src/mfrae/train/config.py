@@ -11,50 +11,23 @@ A preset is a YAML file (bundled ones live in `mfrae/configs/`, named without `.
       mfd: {...}
 
 `load_train_config(stage, preset_or_file, overrides)` merges common + stages[stage] + overrides and checks every
-key and value before anything runs. Sections configuring a component with its own constructor (`objective`,
-`model.options`, `data.options`, `rae.encoder.options`) are validated against that constructor when the stage
-is built (`mfrae.train.stages`).
+key and value of the dataclasses below. Sections configuring a component with its own constructor (`objective`,
+`model.options`, `data.options`, `rae.encoder.options`) are checked against that constructor by
+`mfrae.train.stages.load_stage_config`, the function `mfrae train` uses. The `data` and `rae` sections are the
+`PipelineConfig` of `mfrae.pipeline`, shared with `mfrae stats`, `cache` and `sample`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Literal
 
-from mfrae.config import apply_overrides, deep_merge, from_dict, read_yaml
+from mfrae.config import apply_overrides, deep_merge, from_dict, read_preset
 from mfrae.errors import ConfigError
-from mfrae.models.encoders import DINOV2_B_REG
+from mfrae.pipeline import DataConfig, PipelineConfig, RAEConfig
 
 STAGES = ("decoder", "teacher", "cmt", "mfd", "mft")
 Stage = Literal["decoder", "teacher", "cmt", "mfd", "mft"]
-
-
-@dataclass
-class DataConfig:
-    """Which dataset (`mfrae.data.build_dataset(kind, **options)`) and how to load it."""
-
-    kind: str = "folder"  # digits | folder | latents (a cache made by `mfrae cache`)
-    options: dict = field(default_factory=dict)  # the dataset's constructor options (root, image_size, ...)
-    num_workers: int = 4
-    pin_memory: bool = True
-    prefetch_factor: int = 2
-
-
-@dataclass
-class EncoderConfig:
-    name: str = "dinov2"  # registered encoder (mfrae.models.encoders)
-    options: dict = field(default_factory=lambda: {"path": DINOV2_B_REG, "input_size": 224})
-
-
-@dataclass
-class RAEConfig:
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    decoder: str | None = None  # trained decoder: our run dir / file, or a released model.pt
-    stats: str | None = None  # latent statistics: stat.pt, our stats file, or a run dir of `mfrae stats`
-    noise_tau: float = 0.8  # decoder training only
-    noise_dist: Literal["uniform", "halfnormal"] = "uniform"
 
 
 @dataclass
@@ -118,6 +91,11 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
 
+    @property
+    def pipeline(self) -> PipelineConfig:
+        """The `data` + `rae` sections this stage shares with `mfrae stats`, `cache` and `sample`."""
+        return PipelineConfig(self.data, self.rae)
+
     def __post_init__(self):
         if self.stage in ("cmt", "mfd") and not self.teacher:
             raise ConfigError(f"stage {self.stage} distils a teacher: set `teacher` (a checkpoint or run directory)")
@@ -140,21 +118,6 @@ class TrainConfig:
 #################################################################################
 
 
-def preset_names() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("mfrae.configs").iterdir() if p.name.endswith(".yaml"))
-
-
-def read_preset(name_or_path: str) -> tuple[dict, str]:
-    """(mapping, where it came from) for a bundled preset name or a YAML file path."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return read_yaml(path), str(path)
-    bundled = resources.files("mfrae.configs") / f"{name_or_path}.yaml"
-    if not bundled.is_file():
-        raise ConfigError(f"no config file or preset named {name_or_path!r}; presets: {', '.join(preset_names())}")
-    return read_yaml(Path(str(bundled))), f"preset {name_or_path}"
-
-
 def stage_mapping(stage: str, preset: dict, source: str) -> dict:
     """common + stages[stage] of a preset (a file without those keys is one stage's config as is)."""
     if stage not in STAGES:
@@ -173,16 +136,14 @@ def stage_mapping(stage: str, preset: dict, source: str) -> dict:
 
 
 def load_train_config(stage: str, config: str, overrides: list[str] | None = None) -> TrainConfig:
-    """The fully checked config of `stage` from a preset / file and `key=value` overrides."""
+    """The config of `stage` from a preset / file and `key=value` overrides, every key and value checked
+    against the dataclasses above. Component sections (`objective`, `model.options`, `data.options`,
+    `rae.encoder.options`) are checked against their constructors by `mfrae.train.stages.load_stage_config`."""
     preset, source = read_preset(config)
     data = stage_mapping(stage, preset, source)
     data = apply_overrides(data, list(overrides or []))
     data.pop("stage", None)
-    from mfrae.train.stages import check_stage_options  # component options are checked against their code
-
     try:
-        cfg = from_dict(TrainConfig, {"stage": stage, **data})
-        check_stage_options(cfg)
+        return from_dict(TrainConfig, {"stage": stage, **data})
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
-    return cfg

@@ -1,7 +1,7 @@
 """The one training loop behind every stage (decoder, teacher, CMT, MFD, MFT).
 
-A stage supplies a trainable network, an objective `loss = objective(net, x, y, step) -> per-sample losses`,
-a dataset and a `prepare(batch) -> (x, y)` (e.g. images -> RAE latents); everything else is shared:
+The engine trains the `StageParts` it is given (the contract of `mfrae.train.parts`) and imports nothing
+from the stage registry:
 
     for step in range(start, steps):
         lr <- schedule(step)
@@ -9,7 +9,7 @@ a dataset and a `prepare(batch) -> (x, y)` (e.g. images -> RAE latents); everyth
             x, y = prepare(next(data));  (objective(net, x, y, step).mean() / accum).backward()
         g = clip_grad_norm(params, grad_clip)             # pre-clip norm, checked for divergence
         optimizer.step();  ema <- decay ema + (1 - decay) params
-        objective.discriminator_step(...)                 # stages with a second player (the decoder GAN)
+        for each player (the decoder's discriminator): one turn on the last micro-batch
         log / checkpoint / sample grid at their intervals
 
 Launch with `mfrae train ...` (one process) or `torchrun --nproc_per_node N -m mfrae train ...` (DDP: nccl on
@@ -20,24 +20,26 @@ are never in the optimizer and never wrapped by DDP.
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import logging
 import math
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mfrae.checkpoint import save_model
+from mfrae.checkpoint import load_model, load_state_dict_strict, save_model
 from mfrae.data import make_loader
-from mfrae.errors import ConfigError
+from mfrae.distributed import (DistInfo, all_mean, any_true, average_gradients, broadcast_module, gather_objects,
+                               init_distributed, shutdown_distributed)
+from mfrae.errors import CheckpointError, ConfigError
 from mfrae.images import save_image_grid
-from mfrae.train.config import OptimConfig, TrainConfig
+from mfrae.train.config import TrainConfig
+from mfrae.train.optim import EMA, learning_rate, set_learning_rate
+from mfrae.train.parts import Player, StageParts
 from mfrae.train.runs import STATE_FILE, RunDir, command_line, load_state
 
 log = logging.getLogger("mfrae")
@@ -45,85 +47,6 @@ log = logging.getLogger("mfrae")
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN / Inf or the gradient norm exploded; the last good checkpoint is kept."""
-
-
-#################################################################################
-#                               Distributed                                     #
-#################################################################################
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device: str | None = None) -> DistInfo:
-    """Read torchrun's environment; start a process group when WORLD_SIZE > 1 (nccl on GPU, gloo on CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return DistInfo(rank, world_size, local_rank, dev)
-
-
-def shutdown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _all_mean(value: Tensor, info: DistInfo) -> Tensor:
-    if info.enabled:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= info.world_size
-    return value
-
-
-#################################################################################
-#                          EMA and learning rate                                #
-#################################################################################
-
-
-class EMA:
-    """Exponential moving average of a model's weights, initialised to the model: p_ema <- d p_ema + (1 - d) p."""
-
-    def __init__(self, model: nn.Module):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        # Frozen tensors (pos-emb tables, Fourier frequencies, buffers) are equal in both copies already.
-        self._pairs = [(e, p) for e, p in zip(self.model.parameters(), model.parameters()) if p.requires_grad]
-
-    @torch.no_grad()
-    def update(self, decay: float) -> None:
-        ema, live = [e for e, _ in self._pairs], [p.detach() for _, p in self._pairs]
-        torch._foreach_lerp_(ema, live, 1.0 - decay)
-
-
-def learning_rate(cfg: OptimConfig, step: int, total_steps: int) -> float:
-    """Warm-up from 0, constant until `decay_start`, then linear / cosine to `final_lr` at `decay_end`."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant" or step < cfg.decay_start:
-        return cfg.lr
-    end = cfg.decay_end if cfg.decay_end is not None else total_steps
-    frac = min(1.0, (step - cfg.decay_start) / max(1, end - cfg.decay_start))
-    if cfg.schedule == "linear":
-        return cfg.lr + (cfg.final_lr - cfg.lr) * frac
-    return cfg.final_lr + 0.5 * (cfg.lr - cfg.final_lr) * (1 + math.cos(math.pi * frac))
 
 
 #################################################################################
@@ -144,27 +67,68 @@ def _set_rng_state(state: dict, info: DistInfo) -> None:
         torch.cuda.set_rng_state(state["cuda"], info.device)
 
 
-def _gather(obj, info: DistInfo) -> list:
-    if not info.enabled:
-        return [obj]
-    out = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
+def train(
+    cfg: TrainConfig,
+    build: Callable[[torch.device], StageParts],
+    out: str | Path,
+    resume: bool = False,
+    command: list[str] | None = None,
+) -> Path | None:
+    """Run (or continue) one stage into run directory `out`; returns the last checkpoint folder.
 
-
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False, command: list[str] | None = None) -> Path:
-    """Run (or continue) one stage into run directory `out`; returns the last checkpoint folder."""
-    from mfrae.train.stages import build_stage  # stages import models / objectives; keep this module light
-
+    `build(device)` makes the stage's parts; it is called after the process group is up and the RNG is
+    seeded, so everything it initialises at random is reproducible per run and rank.
+    """
     info = init_distributed()
     try:
-        return _Trainer(cfg, RunDir(out), info, build_stage).fit(resume, command or command_line())
+        return _Trainer(cfg, RunDir(out), info, build).fit(resume, command or command_line())
     finally:
         shutdown_distributed()
 
 
+class _PlayerState:
+    """A player with the optimizer the engine keeps for it."""
+
+    def __init__(self, player: Player):
+        self.player = player
+        self.params = list(player.module.parameters())
+        o = player.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        player.module.requires_grad_(False)  # trainable only during its own turn
+
+    def state_dict(self) -> dict:
+        module = {k: v.detach().clone() for k, v in self.player.module.state_dict().items()}
+        return {"module": module, "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict, source: str) -> None:
+        load_state_dict_strict(self.player.module, state["module"], f"{source}['{self.player.name}']")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{source}['{self.player.name}']: optimizer does not match ({err})") from None
+
+    def turn(self, net: nn.Module, x: Tensor, step: int, info: DistInfo) -> dict[str, Tensor | float]:
+        """One update of the player on the batch x (see `mfrae.train.parts.Player`)."""
+        p = self.player
+        lr = p.optim.lr * (p.lr_factor(step) if p.lr_factor is not None else 1.0)
+        set_learning_rate(self.optimizer, lr)
+        p.module.requires_grad_(True)
+        try:
+            loss, stats = p.loss(net, x, step)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            average_gradients(self.params, info)
+            self.optimizer.step()
+        finally:
+            p.module.requires_grad_(False)
+        logs = {f"{p.name}_loss": loss.detach(), **{f"{p.name}_{k}": v.detach() for k, v in stats.items()}}
+        logs[f"{p.name}_lr"] = lr
+        return logs
+
+
 class _Trainer:
-    def __init__(self, cfg: TrainConfig, run: RunDir, info: DistInfo, build_stage):
+    def __init__(self, cfg: TrainConfig, run: RunDir, info: DistInfo, build: Callable[[torch.device], StageParts]):
         self.cfg, self.run, self.info = cfg, run, info
         loop = cfg.train
         per_step = loop.micro_batch or loop.global_batch // info.world_size
@@ -175,10 +139,8 @@ class _Trainer:
             )
         self.micro_batch, self.accum = per_step, accum
         torch.manual_seed(loop.seed * 1000 + info.rank)  # distinct noise per rank, reproducible per run
-        self.stage = build_stage(cfg, info.device)
-        self.net = self.stage.net.to(info.device)
-        if loop.grad_checkpointing and hasattr(self.net, "grad_checkpointing"):
-            self.net.grad_checkpointing = True
+        self.parts = build(info.device)
+        self.net = self.parts.net.to(info.device)
         self.ema = EMA(self.net)
         self.params = [p for p in self.net.parameters() if p.requires_grad]
         cuda = info.device.type == "cuda"
@@ -186,35 +148,41 @@ class _Trainer:
             self.params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
             weight_decay=cfg.optim.weight_decay, fused=cuda or None,
         )
+        self.players = [_PlayerState(p) for p in self.parts.players]
         model = torch.compile(self.net) if loop.compile else self.net
         if info.enabled:
             model = DistributedDataParallel(model, device_ids=[info.local_rank] if cuda else None, broadcast_buffers=False)
-            model.null_class = getattr(self.net, "null_class", None)
         self.model = model
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if cuda and loop.precision == "bf16" else contextlib.nullcontext()
         )
         self.step = 0
         self.loader = make_loader(
-            self.stage.dataset, per_step, seed=loop.seed, rank=info.rank, world_size=info.world_size,
+            self.parts.dataset, per_step, seed=loop.seed, rank=info.rank, world_size=info.world_size,
             num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory,
             prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers > 0 else None,
         )
         self.writer = None
 
+    @property
+    def resolved_config(self) -> TrainConfig:
+        """The config as run: the builder's resolved objective options in place of the configured ones."""
+        if not self.parts.objective_config:
+            return self.cfg
+        return dataclasses.replace(self.cfg, objective=self.parts.objective_config)
+
     # -- checkpoints ------------------------------------------------------------------------------
 
     def _save(self) -> Path | None:
-        rngs = _gather(_rng_state(self.info), self.info)
+        rngs = gather_objects(_rng_state(self.info), self.info)
         if not self.info.is_main:
             return None
-        objective_state = self.stage.objective.state_dict() if hasattr(self.stage.objective, "state_dict") else None
         state = {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "rng": rngs,
             "loader": self.loader.state_dict(),
-            "objective": objective_state,
+            "players": {p.player.name: p.state_dict() for p in self.players},
             "world_size": self.info.world_size,
         }
         return self.run.save_checkpoint(
@@ -228,8 +196,6 @@ class _Trainer:
         )
 
     def _resume(self) -> None:
-        from mfrae.checkpoint import load_model
-
         ckpt = self.run.latest_checkpoint()
         if ckpt is None:
             if self.info.is_main:
@@ -244,14 +210,24 @@ class _Trainer:
         self.net.load_state_dict(load_model(ckpt / "model.safetensors").state_dict())
         self.ema.model.load_state_dict(load_model(ckpt / "ema.safetensors").state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("objective") is not None:
-            self.stage.objective.load_state_dict(state["objective"])
+        self._load_players(state, ckpt / STATE_FILE)
         self.loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"][self.info.rank], self.info)
         self.step = int(state["step"])
         if self.info.is_main:
             self.run.truncate_metrics(self.step)
             log.info("resumed %s at step %d", ckpt, self.step)
+
+    def _load_players(self, state: dict, source: Path) -> None:
+        saved = state.get("players", {})
+        legacy = state.get("objective")  # mfrae 0.1: the decoder loss kept its discriminator in "objective"
+        if not saved and legacy:
+            saved = {"disc": {"module": legacy["discriminator"], "optimizer": legacy["disc_optimizer"]}}
+        names = sorted(p.player.name for p in self.players)
+        if sorted(saved) != names:
+            raise CheckpointError(f"{source}: holds players {sorted(saved)}, this stage has {names}")
+        for p in self.players:
+            p.load_state_dict(saved[p.player.name], str(source))
 
     # -- logging and previews ---------------------------------------------------------------------
 
@@ -265,10 +241,10 @@ class _Trainer:
         self.writer = SummaryWriter(str(self.run.root / "tensorboard"))
 
     def _preview(self) -> None:
-        if self.stage.preview is None or not self.info.is_main:
+        if self.parts.preview is None or not self.info.is_main:
             return
         # The same seeded generator every time: grids of one run are comparable across steps.
-        images = self.stage.preview(self.ema.model, torch.Generator().manual_seed(1234), self.cfg.train.sample_count)
+        images = self.parts.preview(self.ema.model, torch.Generator().manual_seed(1234), self.cfg.train.sample_count)
         if images is not None:
             save_image_grid(images, self.run.samples / f"step_{self.step:08d}.png")
 
@@ -277,9 +253,11 @@ class _Trainer:
     def fit(self, resume: bool, command: list[str]) -> Path:
         cfg, loop, info = self.cfg, self.cfg.train, self.info
         if info.is_main:
-            self.run.start(cfg, command, resume)
+            self.run.start(self.resolved_config, command, resume)
         if resume:
             self._resume()
+        for p in self.players:  # every process starts from rank 0's player weights
+            broadcast_module(p.player.module, info)
         self._open_tensorboard()
         last_ckpt = self.run.latest_checkpoint() if info.is_main else None
         on_cpu = info.device.type == "cpu"
@@ -291,21 +269,20 @@ class _Trainer:
         data = iter(self.loader)
         loss_sum = torch.zeros((), device=info.device)
         loss_count = 0
-        extra_logs: dict[str, float] = {}
+        extra_logs: dict[str, Tensor | float] = {}
         window_start, window_steps = time.perf_counter(), 0
         self.net.train()
         try:
             while self.step < loop.steps:
                 step = self.step
                 lr = learning_rate(cfg.optim, step, loop.steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                set_learning_rate(self.optimizer, lr)
                 step_loss = torch.zeros((), device=info.device)
                 for micro in range(self.accum):
-                    x, y = self.stage.prepare(next(data), info.device)
+                    x, y = self.parts.prepare(next(data), info.device)
                     sync = micro == self.accum - 1 or not info.enabled
                     with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast:
-                        loss = self.stage.objective(self.model, x, y, step).float().mean() / self.accum
+                        loss = self.parts.objective(self.model, x, y, step).float().mean() / self.accum
                     loss.backward()
                     step_loss += loss.detach()
                 # Pre-clip global norm (clipping is off with grad_clip = 0: the norm is still measured).
@@ -317,25 +294,27 @@ class _Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.ema.update(loop.ema_decay)
-                if hasattr(self.stage.objective, "discriminator_step"):
-                    x_disc = x  # the last micro-batch: images for the discriminator
-                    extra_logs.update(self.stage.objective.discriminator_step(self.model, x_disc, step) or {})
+                for p in self.players:  # on the last micro-batch
+                    if step >= p.player.start_step:
+                        extra_logs.update(p.turn(self.net, x, step, info))
                 self.step = step + 1
                 loss_sum += step_loss
                 loss_count += 1
                 window_steps += 1
 
                 if self.step % loop.log_every == 0 or self.step == loop.steps:
-                    mean_loss = float(_all_mean(loss_sum / loss_count, info))
-                    gnorm = float(_all_mean(grad_norm.detach().float(), info))
+                    mean_loss = float(all_mean(loss_sum / loss_count, info))
+                    gnorm = float(all_mean(grad_norm.detach().float(), info))
                     elapsed = time.perf_counter() - window_start
                     record = {
                         "step": self.step, "loss": mean_loss, "grad_norm": gnorm, "lr": lr,
                         "steps_per_sec": window_steps / elapsed if elapsed > 0 else 0.0,
                         "samples_per_sec": window_steps * loop.global_batch / elapsed if elapsed > 0 else 0.0,
-                        "epoch": self.loader.epoch, **extra_logs,
+                        "epoch": self.loader.epoch, **self._scalars(extra_logs),
                     }
-                    bad_files = sum(len(b) for b in _gather(dict(self.loader.bad_files), info))
+                    if self.parts.log_stats is not None:
+                        record.update(self._scalars({k: all_mean(v.float(), info) for k, v in self.parts.log_stats().items()}))
+                    bad_files = sum(len(b) for b in gather_objects(dict(self.loader.bad_files), info))
                     if bad_files:
                         record["bad_images"] = bad_files
                     if info.is_main:
@@ -362,12 +341,14 @@ class _Trainer:
             self.loader.close()
         return last_ckpt
 
+    @staticmethod
+    def _scalars(values: dict[str, Tensor | float]) -> dict[str, float]:
+        return {k: float(v) for k, v in values.items()}
+
     def _is_bad(self, loss: Tensor, grad_norm: Tensor) -> bool:
         """NaN / Inf loss or gradient, or a gradient norm above train.max_grad_norm, on any rank."""
-        bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm) | (grad_norm > self.cfg.train.max_grad_norm)).float()
-        if self.info.enabled:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bool(bad)
+        bad = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm) | (grad_norm > self.cfg.train.max_grad_norm)
+        return any_true(bad, self.info)
 
     def _diverged(self, step: int, loss: Tensor, grad_norm: Tensor, last_ckpt: Path | None) -> None:
         kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"

@@ -1,114 +1,63 @@
-"""What differs between the stages of MF-RAE: the trained network, the objective, the inputs.
+"""The stage registry: what differs between the stages of MF-RAE, as data.
 
-    decoder   ViT decoder          DecoderLoss (L1 + perceptual + GAN) on images, frozen encoder
-    teacher   DiT^DH (velocity)    FlowMatchingLoss on RAE latents
-    cmt       DiT^DH (MeanFlow)    CMTLoss on teacher trajectories           init: the teacher
-    mfd       DiT^DH (MeanFlow)    MeanFlowLoss, lambda = 1 (teacher velocity) init: CMT (or the teacher)
-    mft       DiT^DH (MeanFlow)    MeanFlowLoss, lambda = 0 (one-point)        init: MFD
+    stage     network               objective                                   starts from
+    decoder   ViT decoder           DecoderLoss (L1 + perceptual + GAN) + disc  scratch (or model.init)
+    teacher   DiT^DH (velocity)     FlowMatchingLoss on RAE latents             scratch (or model.init)
+    cmt       DiT^DH (MeanFlow)     CMTLoss on teacher trajectories             the teacher
+    mfd       DiT^DH (MeanFlow)     MeanFlowLoss, teacher_mix = 1               CMT (or the teacher)
+    mft       DiT^DH (MeanFlow)     MeanFlowLoss, teacher_mix = 0 (one-point)   MFD
 
-Each builder returns a `StageParts`; `mfrae.train.engine` runs them all with one loop. Inputs named in the
-config (`teacher`, `model.init`, `rae.decoder`, `rae.stats`) may be our run directories or released files.
+Each row of `REGISTRY` names the objective whose options the `objective` section holds, the model config whose
+fields `model.options` may set, the objective options the stage fixes unless configured, and the builder that
+turns a `TrainConfig` into `StageParts` (the contract of `mfrae.train.parts`). `train_stage` builds the parts
+and hands them to the engine, which knows nothing of this module. Inputs named in the config (`teacher`,
+`model.init`, `rae.decoder`, `rae.stats`) may be our run directories or the authors' released files.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-from typing import Any, Callable
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
-from mfrae.checkpoint import load_dit_dh, load_latent_stats, load_vit_decoder
-from mfrae.config import build_from_options, check_options, option_defaults, to_dict
-from mfrae.data import build_dataset
+from mfrae.checkpoint import load_dit_dh, load_vit_decoder
+from mfrae.config import build_from_options, check_options, from_dict, option_defaults, read_preset, to_dict
 from mfrae.errors import ConfigError
 from mfrae.flow.objectives import CMTLoss, FlowMatchingLoss, MeanFlowLoss
 from mfrae.flow.paths import dimension_shift
-from mfrae.flow.samplers import meanflow_sample, sample_ode
+from mfrae.flow.samplers import flow_matching_sample, meanflow_sample
 from mfrae.models.dit_dh import DiTDH, DiTDHConfig, dit_dh_config
-from mfrae.models.encoders import RepresentationEncoder, build_encoder
 from mfrae.models.rae import RAE
 from mfrae.models.vit_decoder import ViTDecoder, ViTDecoderConfig, vit_decoder_config
-from mfrae.train.config import TrainConfig
+from mfrae.pipeline import build_data, build_rae, build_rae_encoder, check_pipeline_options, latent_inputs, num_classes_of, to_device
+from mfrae.train import engine
+from mfrae.train.config import TrainConfig, load_train_config
+from mfrae.train.decoder_parts import DecoderObjectiveOptions, build_decoder_objective
+from mfrae.train.optim import learning_rate
+from mfrae.train.parts import StageParts
 from mfrae.train.runs import resolve_weights
 
-log = logging.getLogger("mfrae")
+# Constructor arguments the builder supplies itself: never config options.
+BUILDER_SUPPLIED = ("teacher", "null_class")
 
 
-@dataclass
-class StageParts:
-    net: nn.Module  # the trained network
-    objective: Callable[..., Tensor]  # objective(net, x, y, step) -> per-sample losses
-    dataset: Dataset
-    prepare: Callable[[Any, torch.device], tuple[Tensor, Tensor]]  # loader batch -> (x, y) on the device
-    preview: Callable[[nn.Module, torch.Generator, int], Tensor | None] | None = None  # EMA net -> images
+@dataclass(frozen=True)
+class StageSpec:
+    """One row of the registry."""
+
+    build: Callable[[TrainConfig, torch.device, "StageSpec"], StageParts]
+    objective: type  # its constructor (or, for a dataclass, its fields) defines the `objective` section
+    model_config: type  # DiTDHConfig | ViTDecoderConfig: what `model.options` may set
+    defaults: dict = field(default_factory=dict)  # objective options the stage fixes unless configured
 
 
 #################################################################################
 #                              Shared pieces                                    #
 #################################################################################
-
-
-def build_data(cfg: TrainConfig) -> Dataset:
-    options = dict(cfg.data.options)
-    if cfg.train.fail_on_bad_images and cfg.data.kind == "folder":
-        options["on_error"] = "raise"
-    return build_dataset(cfg.data.kind, **options)
-
-
-def num_classes_of(dataset: Dataset) -> int:
-    n = getattr(dataset, "num_classes", None)
-    if not n:
-        raise ConfigError(f"the {type(dataset).__name__} dataset does not say how many classes it has")
-    return int(n)
-
-
-def build_rae_encoder(cfg: TrainConfig) -> RepresentationEncoder:
-    return build_encoder(cfg.rae.encoder.name, **cfg.rae.encoder.options)
-
-
-def build_rae(cfg: TrainConfig, device: torch.device, need_stats: bool = True) -> RAE:
-    """Frozen encoder + latent statistics (+ the trained decoder when the config names one), in eval mode."""
-    if need_stats and not cfg.rae.stats:
-        raise ConfigError(
-            f"stage {cfg.stage} trains on normalised RAE latents: set rae.stats (compute it with `mfrae stats`)"
-        )
-    stats = load_latent_stats(resolve_weights(cfg.rae.stats)) if cfg.rae.stats else None
-    decoder = load_vit_decoder(resolve_weights(cfg.rae.decoder)) if cfg.rae.decoder else None
-    return RAE(build_rae_encoder(cfg), decoder, stats).to(device).eval()
-
-
-def _to_device(batch, device: torch.device) -> tuple[Tensor, Tensor]:
-    x, y = batch
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-
-def latent_inputs(cfg: TrainConfig, rae: RAE) -> tuple[Dataset, Callable, tuple[int, int, int]]:
-    """Dataset, batch -> (latents, labels), and the latent shape: encoded on the fly or read from a cache."""
-    if cfg.data.kind == "latents":
-        # The cache holds raw encoder latents: it must come from this encoder, and is normalised here.
-        cfg.data.options.setdefault("expected_fingerprint", rae.encoder.fingerprint())
-        dataset = build_data(cfg)
-        shape = tuple(dataset[0][0].shape)
-        if shape != rae.latent_shape:
-            raise ConfigError(f"latent cache holds {shape} latents, the configured RAE makes {rae.latent_shape}")
-
-        def prepare_cached(batch, device):
-            latents, labels = _to_device(batch, device)
-            return rae.stats.normalize(latents.float()), labels
-
-        return dataset, prepare_cached, shape
-
-    dataset = build_data(cfg)
-
-    @torch.no_grad()
-    def prepare(batch, device):
-        images, labels = _to_device(batch, device)
-        return rae.encode(images), labels
-
-    return dataset, prepare, rae.latent_shape
 
 
 def dit_config(cfg: TrainConfig, latent_shape: tuple[int, int, int], num_classes: int, meanflow: bool) -> DiTDHConfig:
@@ -125,18 +74,18 @@ def frozen_teacher(spec: str, device: torch.device) -> DiTDH:
     return teacher.to(device).eval().requires_grad_(False)
 
 
-def objective_options(cfg: TrainConfig, latent_shape, target, **defaults) -> dict:
-    """The configured objective options over stage defaults; the time shift defaults to sqrt(C H W / 4096).
+def objective_options(cfg: TrainConfig, latent_shape, spec: StageSpec) -> tuple[dict, dict]:
+    """(options to build the objective with, the resolved options to record in config.yaml).
 
-    The resolved options (the constructor's defaults included) are written back into `cfg.objective`, so the
-    run directory's config.yaml records exactly what ran.
+    Configured options override the stage's defaults; the time shift defaults to sqrt(C H W / 4096)
+    (the dimension-dependent shift of RAE, arXiv 2510.11690); an ImprovedSchedule's horizon defaults to the whole run (arXiv 2511.19065).
     """
-    options = {"shift": dimension_shift(latent_shape), **defaults, **cfg.objective}
+    options = {"shift": dimension_shift(latent_shape), **spec.defaults, **cfg.objective}
     schedule = options.get("schedule")
     if isinstance(schedule, dict) and "total_steps" not in schedule:
-        options["schedule"] = {**schedule, "total_steps": cfg.train.steps}  # the 2511.19065 horizon: the whole run
-    cfg.objective = to_dict({**option_defaults(target, skip=("teacher",)), **options})
-    return options
+        options["schedule"] = {**schedule, "total_steps": cfg.train.steps}
+    resolved = to_dict({**option_defaults(spec.objective, skip=BUILDER_SUPPLIED), **options})
+    return options, resolved
 
 
 def _preview_labels(count: int, num_classes: int, device) -> Tensor:
@@ -148,16 +97,13 @@ def _decoded(rae: RAE, latents: Tensor) -> Tensor | None:
 
 
 #################################################################################
-#                                  Stages                                       #
+#                                  Builders                                     #
 #################################################################################
 
 
-def decoder_stage(cfg: TrainConfig, device: torch.device) -> StageParts:
-    from mfrae.train.decoder_loss import DecoderLoss
-    from mfrae.train.engine import learning_rate
-
-    encoder = build_rae_encoder(cfg).to(device)
-    dataset = build_data(cfg)
+def decoder_stage(cfg: TrainConfig, device: torch.device, spec: StageSpec) -> StageParts:
+    encoder = build_rae_encoder(cfg.rae).to(device)
+    dataset = build_data(cfg.data, cfg.train.fail_on_bad_images)
     image_size = dataset[0][0].shape[-1]
     if image_size % encoder.grid_size:
         raise ConfigError(f"image size {image_size} is not a multiple of the encoder grid {encoder.grid_size}")
@@ -167,13 +113,16 @@ def decoder_stage(cfg: TrainConfig, device: torch.device) -> StageParts:
     fields.update(cfg.model.options)
     config = build_from_options(ViTDecoderConfig, fields, "model.options")
     net = load_vit_decoder(resolve_weights(cfg.model.init), config) if cfg.model.init else ViTDecoder(config)
+    net.grad_checkpointing = cfg.train.grad_checkpointing
+    options = from_dict(DecoderObjectiveOptions, cfg.objective, "objective")
+    # Noise augmentation of the tokens comes from the RAE (rae.noise_tau / rae.noise_dist): one noise path.
+    rae = RAE(encoder, None, None, noise_tau=cfg.rae.noise_tau, noise_dist=cfg.rae.noise_dist).to(device)
     # The discriminator follows the decoder's learning-rate schedule (as in the RAE recipe).
-    disc_schedule = lambda step: learning_rate(cfg.optim, step, cfg.train.steps) / cfg.optim.lr  # noqa: E731
-    options = {"noise_tau": cfg.rae.noise_tau, "noise_dist": cfg.rae.noise_dist, **cfg.objective}
-    objective = build_from_options(
-        DecoderLoss, options, "objective", fixed={"encoder": encoder, "disc_lr_schedule": disc_schedule}
-    ).to(device)
-    cfg.objective = to_dict({**option_defaults(DecoderLoss, skip=("encoder", "disc_lr_schedule")), **options})
+    lr_factor = lambda step: learning_rate(cfg.optim, step, cfg.train.steps) / cfg.optim.lr  # noqa: E731
+    objective, players = build_decoder_objective(options, rae, net, lr_factor)
+    objective = objective.to(device)
+    for player in players:
+        player.module.to(device)
     fixed_images = torch.stack([dataset[i][0] for i in range(min(len(dataset), cfg.train.sample_count))])
 
     @torch.no_grad()
@@ -182,95 +131,95 @@ def decoder_stage(cfg: TrainConfig, device: torch.device) -> StageParts:
         recon = RAE(encoder, ema).eval()(images).clamp(0, 1)
         return torch.cat([images, recon])  # originals, then reconstructions
 
-    return StageParts(net, objective, dataset, _to_device, preview)
+    return StageParts(net, objective, dataset, to_device, preview, players=players,
+                      objective_config=to_dict(options), log_stats=lambda: objective.last_stats)
 
 
-def teacher_stage(cfg: TrainConfig, device: torch.device) -> StageParts:
-    rae = build_rae(cfg, device)
-    dataset, prepare, shape = latent_inputs(cfg, rae)
-    classes = num_classes_of(dataset)
-    config = dit_config(cfg, shape, classes, meanflow=False)
+def flow_matching_stage(cfg: TrainConfig, device: torch.device, spec: StageSpec) -> StageParts:
+    rae = build_rae(cfg.rae, device, stats_needed_by=f"stage {cfg.stage}")
+    inputs = latent_inputs(cfg.data, rae, cfg.train.fail_on_bad_images)
+    classes = num_classes_of(inputs.dataset)
+    config = dit_config(cfg, inputs.shape, classes, meanflow=False)
     net = load_dit_dh(resolve_weights(cfg.model.init), config) if cfg.model.init else DiTDH(config)
-    objective = build_from_options(FlowMatchingLoss, objective_options(cfg, shape, FlowMatchingLoss), "objective")
+    net.grad_checkpointing = cfg.train.grad_checkpointing
+    options, resolved = objective_options(cfg, inputs.shape, spec)
+    objective = build_from_options(spec.objective, options, "objective", fixed={"null_class": net.null_class})
     ode_points = cfg.train.sample_steps or 50
 
     @torch.no_grad()
     def preview(ema: nn.Module, generator: torch.Generator, count: int) -> Tensor | None:
-        noise = torch.randn(count, *shape, generator=generator).to(device)
-        latents = sample_ode(ema, noise, _preview_labels(count, classes, device), num_points=ode_points,
-                             shift=objective.shift)
+        noise = torch.randn(count, *inputs.shape, generator=generator).to(device)
+        latents = flow_matching_sample(ema, noise, _preview_labels(count, classes, device), num_points=ode_points,
+                                       shift=objective.shift)
         return _decoded(rae, latents)
 
-    return StageParts(net, objective, dataset, prepare, preview)
+    return StageParts(net, objective, inputs.dataset, inputs.prepare, preview, objective_config=resolved)
 
 
-def _meanflow_stage(cfg: TrainConfig, device: torch.device, target, build_objective, **defaults) -> StageParts:
-    rae = build_rae(cfg, device)
-    dataset, prepare, shape = latent_inputs(cfg, rae)
-    classes = num_classes_of(dataset)
-    config = dit_config(cfg, shape, classes, meanflow=True)
+def meanflow_stage(cfg: TrainConfig, device: torch.device, spec: StageSpec) -> StageParts:
+    rae = build_rae(cfg.rae, device, stats_needed_by=f"stage {cfg.stage}")
+    inputs = latent_inputs(cfg.data, rae, cfg.train.fail_on_bad_images)
+    classes = num_classes_of(inputs.dataset)
+    config = dit_config(cfg, inputs.shape, classes, meanflow=True)
     teacher = frozen_teacher(cfg.teacher, device) if cfg.teacher else None
     init = cfg.model.init or cfg.teacher  # a teacher file initialises everything but the interval embedding
     if init is None:
         raise ConfigError(f"stage {cfg.stage} starts from trained weights: set model.init (or teacher)")
     net = load_dit_dh(resolve_weights(init), config)
-    objective = build_objective(teacher, objective_options(cfg, shape, target, **defaults))
+    net.grad_checkpointing = cfg.train.grad_checkpointing
+    options, resolved = objective_options(cfg, inputs.shape, spec)
+    objective = build_from_options(spec.objective, options, "objective",
+                                   fixed={"teacher": teacher, "null_class": net.null_class})
 
     @torch.no_grad()
     def preview(ema: nn.Module, generator: torch.Generator, count: int) -> Tensor | None:
-        noise = torch.randn(count, *shape, generator=generator).to(device)
+        noise = torch.randn(count, *inputs.shape, generator=generator).to(device)
         return _decoded(rae, meanflow_sample(ema, noise, _preview_labels(count, classes, device), steps=1))
 
-    return StageParts(net, objective, dataset, prepare, preview)
+    return StageParts(net, objective, inputs.dataset, inputs.prepare, preview, objective_config=resolved)
 
 
-def cmt_stage(cfg: TrainConfig, device: torch.device) -> StageParts:
-    return _meanflow_stage(cfg, device, CMTLoss, _with_teacher(CMTLoss))
+#################################################################################
+#                                  Registry                                     #
+#################################################################################
 
 
-def mfd_stage(cfg: TrainConfig, device: torch.device) -> StageParts:
-    return _meanflow_stage(cfg, device, MeanFlowLoss, _with_teacher(MeanFlowLoss), teacher_weight=1.0)
-
-
-def mft_stage(cfg: TrainConfig, device: torch.device) -> StageParts:
-    # Bootstrapping: the one-point velocity e - x (lambda = 0); a configured teacher enables lambda in (0, 1].
-    return _meanflow_stage(cfg, device, MeanFlowLoss, _with_teacher(MeanFlowLoss), teacher_weight=0.0)
-
-
-def _with_teacher(objective_class):
-    return lambda teacher, options: build_from_options(objective_class, options, "objective", fixed={"teacher": teacher})
+REGISTRY: dict[str, StageSpec] = {
+    "decoder": StageSpec(decoder_stage, DecoderObjectiveOptions, ViTDecoderConfig),
+    "teacher": StageSpec(flow_matching_stage, FlowMatchingLoss, DiTDHConfig),
+    "cmt": StageSpec(meanflow_stage, CMTLoss, DiTDHConfig),
+    "mfd": StageSpec(meanflow_stage, MeanFlowLoss, DiTDHConfig, {"teacher_mix": 1.0}),
+    # Bootstrapping: the one-point velocity e - x; a configured teacher enables teacher_mix in (0, 1].
+    "mft": StageSpec(meanflow_stage, MeanFlowLoss, DiTDHConfig, {"teacher_mix": 0.0}),
+}
 
 
 def check_stage_options(cfg: TrainConfig) -> None:
     """Refuse unknown or badly typed component options before anything is built or written."""
-    from mfrae.data import DATASETS
-    from mfrae.models.encoders import ENCODERS
-
-    if cfg.data.kind not in DATASETS:
-        raise ConfigError(f"data.kind: unknown dataset {cfg.data.kind!r}; choose one of {sorted(DATASETS)}")
-    check_options(DATASETS[cfg.data.kind], cfg.data.options, "data.options")
-    if cfg.rae.encoder.name not in ENCODERS:
-        raise ConfigError(f"rae.encoder.name: unknown encoder {cfg.rae.encoder.name!r}; choose one of {sorted(ENCODERS)}")
-    check_options(ENCODERS[cfg.rae.encoder.name], cfg.rae.encoder.options, "rae.encoder.options")
-    if cfg.stage == "decoder":
-        from mfrae.train.decoder_loss import DecoderLoss
-
-        check_options(ViTDecoderConfig, cfg.model.options, "model.options")
-        check_options(DecoderLoss, cfg.objective, "objective", skip=("encoder", "disc_lr_schedule"))
-        return
-    check_options(DiTDHConfig, cfg.model.options, "model.options")
-    objective = {"teacher": FlowMatchingLoss, "cmt": CMTLoss}.get(cfg.stage, MeanFlowLoss)
-    check_options(objective, cfg.objective, "objective", skip=("teacher",))
+    check_pipeline_options(cfg.pipeline)
+    spec = REGISTRY[cfg.stage]
+    check_options(spec.model_config, cfg.model.options, "model.options")
+    if dataclasses.is_dataclass(spec.objective):
+        from_dict(spec.objective, cfg.objective, "objective")
+    else:
+        check_options(spec.objective, cfg.objective, "objective", skip=BUILDER_SUPPLIED)
 
 
-STAGE_BUILDERS = {
-    "decoder": decoder_stage,
-    "teacher": teacher_stage,
-    "cmt": cmt_stage,
-    "mfd": mfd_stage,
-    "mft": mft_stage,
-}
+def load_stage_config(stage: str, config: str, overrides: list[str] | None = None) -> TrainConfig:
+    """`load_train_config` plus the component checks: the config `mfrae train STAGE` runs with."""
+    cfg = load_train_config(stage, config, overrides)
+    try:
+        check_stage_options(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{read_preset(config)[1]}: {err}") from None
+    return cfg
 
 
 def build_stage(cfg: TrainConfig, device: torch.device) -> StageParts:
-    return STAGE_BUILDERS[cfg.stage](cfg, device)
+    spec = REGISTRY[cfg.stage]
+    return spec.build(cfg, device, spec)
+
+
+def train_stage(cfg: TrainConfig, out: str | Path, resume: bool = False, command: list[str] | None = None) -> Path | None:
+    """Build the stage's parts and train them in run directory `out`; returns the last checkpoint folder."""
+    return engine.train(cfg, lambda device: build_stage(cfg, device), out, resume=resume, command=command)
