@@ -70,3 +70,12 @@ def test_flops_benchmark_matches_the_official_counts(capsys):
     # the official RAE classes, counted the same way: DiT^DH-S 47.33 and ViT-XL 106.56 GMACs per image
     assert abs(row["deviation"]["teacher_backbone_vs_meas"]) < 1e-3
     assert abs(row["deviation"]["decoder_vs_meas"]) < 1e-3
+
+
+def test_sample_memory_benchmark_reports_each_size(capsys):
+    report = _run("sample_memory", ["--sizes", "40,200", "--batch-size", "16", "--shard-size", "32"], capsys)
+    rows = report["sizes"]
+    assert list(rows) == ["40", "200"] and report["num_ratio_largest_vs_smallest"] == 5
+    for row in rows.values():
+        assert row["peak_rss_mb"] > 0 and row["images_per_s"] > 0 and row["npz_mb"] >= row["uint8_mb"]
+    assert report["peak_ratio_largest_vs_smallest"] == pytest.approx(rows["200"]["peak_rss_mb"] / rows["40"]["peak_rss_mb"])

@@ -1,4 +1,5 @@
-"""Evaluation library and `mfrae eval`: metrics against closed forms, image I/O, the FID Inception's structure."""
+"""Evaluation library and `mfrae eval`: metrics against closed forms, image I/O, the FID Inception's structure,
+and the ADM evaluator's protocol (precomputed reference statistics, Inception Score splits, sFID)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from PIL import Image
 
@@ -29,8 +31,15 @@ from mfrae.eval.inception import (
     FIDInceptionV3,
     load_fid_inception,
 )
-from mfrae.eval.metrics import FeatureStats, class_accuracy, frechet_distance, precision_recall
-from mfrae.eval.samples import load_images, save_adm_npz, save_image_dir, to_uint8_nhwc
+from mfrae.eval.metrics import (
+    FeatureStats,
+    RunningStats,
+    class_accuracy,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
+from mfrae.eval.samples import ImageStream, load_images, open_images, save_adm_npz, save_image_dir, to_uint8_nhwc
 
 # ------------------------------------------------------------------------------------ Fréchet distance
 
@@ -150,6 +159,80 @@ def test_feature_stats_errors(tmp_path):
         FeatureStats.from_features(np.zeros((1, 3)))
 
 
+def test_running_stats_match_numpy_with_a_large_mean():
+    rng = np.random.default_rng(30)
+    feats = rng.standard_normal((1000, 6)) * np.arange(1, 7) + 1e4  # mean far from 0 against the spread
+    running = RunningStats()
+    for start in range(0, 1000, 64):
+        running.update(feats[start:start + 64])
+    stats = running.stats("x")
+    np.testing.assert_allclose(stats.mu, feats.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.sigma, np.cov(feats.T), rtol=1e-8, atol=1e-9)
+    assert (stats.n, stats.features) == (1000, "x")
+    with pytest.raises(ValueError, match="dimension changed"):
+        running.update(np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="at least 2"):
+        RunningStats().stats()
+
+
+def test_feature_stats_spatial_keys_round_trip(tmp_path):
+    rng = np.random.default_rng(31)
+    pool = FeatureStats.from_features(rng.standard_normal((20, 4)), name="inception")
+    spatial = FeatureStats.from_features(rng.standard_normal((20, 3)), name="inception")
+    path = pool.save(tmp_path / "ref.npz", spatial=spatial)
+    with np.load(path) as data:
+        assert {"mu", "sigma", "mu_s", "sigma_s"} <= set(data.files)  # the ADM reference-batch keys
+    np.testing.assert_array_equal(FeatureStats.load(path, suffix="_s").sigma, spatial.sigma)
+    np.testing.assert_array_equal(FeatureStats.load(path).mu, pool.mu)
+
+
+# ------------------------------------------------------------------------------------- Inception Score
+
+
+def _confident_logits(classes: np.ndarray, num_classes: int, margin: float = 60.0) -> np.ndarray:
+    """Logits whose softmax puts all but ~exp(-margin) of the mass on `classes[i]`."""
+    logits = np.zeros((len(classes), num_classes))
+    logits[np.arange(len(classes)), classes] = margin
+    return logits
+
+
+def test_inception_score_closed_forms():
+    # Confident predictions spread evenly over K classes: KL(p(y|x) || p(y)) = log K for every x, IS = K.
+    for k in (1, 4, 10):
+        assert inception_score(_confident_logits(np.arange(1000) % k, 12)) == pytest.approx(k, rel=1e-9)
+    # All predictions identical: p(y|x) = p(y), KL = 0, IS = 1 whatever the distribution.
+    row = np.random.default_rng(32).standard_normal(1008)
+    assert inception_score(np.tile(row, (300, 1))) == pytest.approx(1.0, abs=1e-12)
+    # Half the mass on the true class, the rest uniform over the other K-1 (uniform marginal):
+    # KL = log K + 0.5 log 0.5 + 0.5 log(0.5 / (K - 1)).
+    k = 8
+    probs = np.full((k * 50, k), 0.5 / (k - 1))
+    probs[np.arange(k * 50), np.arange(k * 50) % k] = 0.5
+    kl = np.log(k) + 0.5 * np.log(0.5) + 0.5 * np.log(0.5 / (k - 1))
+    assert inception_score(np.log(probs)) == pytest.approx(np.exp(kl), rel=1e-12)
+
+
+def test_inception_score_uses_consecutive_splits_of_5000():
+    # ADM evaluator: splits [0, 5000), [5000, 7000) scored separately, then averaged. The first holds
+    # 10 evenly used classes (IS 10), the second 4 (IS 4): the mean is 7. Pooled, all 7000 would give
+    # exp(H(marginal)) with marginal 5000/7000 spread over 10 and 2000/7000 over 4 other classes.
+    first = _confident_logits(np.arange(5000) % 10, 20)
+    second = _confident_logits(10 + np.arange(2000) % 4, 20)
+    logits = np.concatenate([first, second])
+    assert inception_score(logits) == pytest.approx(7.0, rel=1e-9)
+    marginal = np.concatenate([np.full(10, 500 / 7000), np.full(4, 500 / 7000)])
+    pooled = np.exp(-np.sum(marginal * np.log(marginal)))
+    assert inception_score(logits, split_size=7000) == pytest.approx(pooled, rel=1e-9)
+    assert inception_score(logits, split_size=1000) == pytest.approx((5 * 10 + 2 * 4) / 7, rel=1e-9)
+
+
+def test_inception_score_is_finite_when_softmax_underflows():
+    logits = _confident_logits(np.arange(100) % 5, 1008, margin=1e4)  # exp(-1e4) is 0 in float64
+    assert inception_score(logits) == pytest.approx(5.0, rel=1e-12)
+    with pytest.raises(ValueError, match="split_size"):
+        inception_score(logits, split_size=0)
+
+
 # ------------------------------------------------------------------------------------ precision / recall
 
 
@@ -259,6 +342,45 @@ def test_image_set_errors(tmp_path):
     Image.new("RGB", (5, 4)).save(tmp_path / "mixed" / "b.png")
     with pytest.raises(ValueError, match=r"b\.png"):
         load_images(tmp_path / "mixed")
+
+
+def test_open_images_streams_npz_and_folders(tmp_path):
+    images = np.random.default_rng(33).integers(0, 256, (11, 4, 5, 3), dtype=np.uint8)
+    save_adm_npz(tmp_path / "a.npz", images, np.arange(11))
+    np.savez_compressed(tmp_path / "gray.npz", arr_0=images[..., 0])  # deflated member, grayscale
+    save_image_dir(tmp_path / "png", images, labels=np.arange(11) % 3)
+    for path, expected, labels in ((tmp_path / "a.npz", images, np.arange(11)),
+                                   (tmp_path / "gray.npz", np.repeat(images[..., :1], 3, axis=-1), None),
+                                   (tmp_path / "png", images, np.arange(11) % 3)):
+        stream = open_images(path)
+        batches = list(stream.batches(4))
+        assert len(stream) == 11 and [b.shape[0] for b in batches] == [4, 4, 3], path
+        np.testing.assert_array_equal(np.concatenate(batches), expected)
+        np.testing.assert_array_equal(np.concatenate(list(stream.batches(100))), expected)  # re-readable
+        if labels is None:
+            assert stream.labels is None
+        else:
+            np.testing.assert_array_equal(stream.labels, labels)
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 4, 4, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"float\.npz key 'arr_0'.*dtype float32"):
+        open_images(tmp_path / "float.npz")
+
+
+def test_extraction_reads_npz_in_batches(tmp_path, monkeypatch):
+    # The extractor sees at most batch_size images at a time, read straight from the zip member.
+    images = np.random.default_rng(34).integers(0, 256, (10, 3, 3, 3), dtype=np.uint8)
+    save_adm_npz(tmp_path / "a.npz", images)
+    seen = []
+
+    def forward(x):
+        seen.append(x.shape[0])
+        return x.flatten(1)
+
+    stream = open_images(tmp_path / "a.npz")
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("arr_0 must not be loaded whole"))
+    out = FeatureExtractor("probe", forward, batch_size=4).extract(stream, progress="x")
+    assert seen == [4, 4, 2]
+    np.testing.assert_allclose(out.features, images.transpose(0, 3, 1, 2).reshape(10, -1) / 255.0, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- features
@@ -410,6 +532,28 @@ def test_inception_weight_errors(inception, tmp_path, monkeypatch):
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(ValueError, match=r"junk\.pth"):
         load_fid_inception(tmp_path / "junk.pth")
+
+
+def test_inception_adm_outputs(inception):
+    # forward_all: pool = forward(x); IS logits = pool @ W^T without the bias (the ADM evaluator's softmax
+    # input); sFID features = Mixed_6d.branch1x1 (TF mixed_6/conv) channels 0..6, flattened as H, W, C.
+    with torch.no_grad():
+        inception.fc.bias.uniform_(5.0, 6.0)  # a bias that must not show up in the IS logits
+    x = torch.rand(2, 3, 40, 40)
+    with torch.inference_mode():
+        out = inception.forward_all(x)
+        torch.testing.assert_close(out.pool, inception(x))
+        torch.testing.assert_close(out.logits, out.pool @ inception.fc.weight.T)
+        assert not torch.allclose(out.logits, inception.logits(out.pool))
+        h = inception._stem(x)
+        for block in (inception.Mixed_5b, inception.Mixed_5c, inception.Mixed_5d, inception.Mixed_6a,
+                      inception.Mixed_6b, inception.Mixed_6c):
+            h = block(h)
+        conv = inception.Mixed_6d.branch1x1(h)  # [2, 192, 17, 17]
+    assert conv.shape == (2, 192, 17, 17) and out.spatial.shape == (2, 2023)
+    spatial = out.spatial.view(2, 17, 17, 7)
+    for row, col, channel in ((0, 0, 0), (3, 11, 6), (16, 16, 4)):
+        torch.testing.assert_close(spatial[:, row, col, channel], conv[:, channel, row, col])
 
 
 # --------------------------------------------------------------------------------------- `mfrae eval`
@@ -571,6 +715,140 @@ def test_cli_inception_features_with_random_weights(inception, tmp_path, capsys)
     images = np.random.default_rng(14).integers(0, 200, (6, 32, 32, 3), dtype=np.uint8)
     save_adm_npz(tmp_path / "a.npz", images)
     out = _eval_json(capsys, "--samples", tmp_path / "a.npz", "--reference", tmp_path / "a.npz",
-                     "--features", "inception", "--inception-weights", weights, "--k", "2")
-    assert out["fd"] == pytest.approx(0.0, abs=1e-4)
+                     "--features", "inception", "--inception-weights", weights, "--k", "2", "--device", "cpu")
+    assert {"fid", "sfid", "inception_score", "precision", "recall"} <= set(out)
+    assert out["fid"] == out["fd"] == pytest.approx(0.0, abs=1e-4)
+    assert out["sfid"] == pytest.approx(0.0, abs=1e-4)
     assert (out["precision"], out["recall"]) == (1.0, 1.0)
+    # IS by hand from the network's bias-free logits: exp(mean KL(p(y|x) || p(y))) over the one split.
+    with torch.inference_mode():
+        pool = inception(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0).double()
+        p = torch.softmax(pool @ inception.fc.weight.double().T, dim=1).numpy()
+    kl = np.sum(p * (np.log(p) - np.log(p.mean(axis=0, keepdims=True))), axis=1)
+    assert out["inception_score"] == pytest.approx(float(np.exp(kl.mean())), rel=1e-4)
+
+
+# ---------------------------------------------------------------------- the ADM evaluator's protocol
+
+
+def _fd_scipy(mu1, sigma1, mu2, sigma2) -> float:
+    """FD written out independently of mfrae: ||dmu||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2))."""
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1 + sigma2 - 2.0 * covmean))
+
+
+def _pixel_features(images: np.ndarray) -> np.ndarray:
+    return images.transpose(0, 3, 1, 2).reshape(images.shape[0], -1) / 255.0  # the `pixels` features (NCHW)
+
+
+def test_cli_adm_reference_batch_uses_its_precomputed_stats(tmp_path, capsys):
+    rng = np.random.default_rng(40)
+    samples = _gaussian_images(rng, 120.0, 15.0, 600)
+    ref_images = _gaussian_images(rng, 100.0, 10.0, 500)
+    # An ADM-layout reference batch whose mu / sigma are NOT its images' statistics.
+    mu = np.full(12, 0.7)
+    sigma = np.diag(np.linspace(0.001, 0.01, 12))
+    np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=ref_images, mu=mu, sigma=sigma, mu_s=np.zeros(3),
+             sigma_s=np.eye(3))
+    save_adm_npz(tmp_path / "samples.npz", samples)
+    common = ["--samples", tmp_path / "samples.npz", "--reference", tmp_path / "VIRTUAL_ref.npz",
+              "--features", "pixels"]
+    s_feats, r_feats = _pixel_features(samples), _pixel_features(ref_images)
+    s_mu, s_sigma = s_feats.mean(axis=0), np.cov(s_feats, rowvar=False)
+
+    pre = _eval_json(capsys, *common)
+    assert pre["reference_stats"] == "precomputed"
+    assert pre["fd"] == pytest.approx(_fd_scipy(s_mu, s_sigma, mu, sigma), rel=1e-5)
+    assert any("precomputed mu/sigma" in note for note in pre["notes"])
+    assert pre["num_reference"] == 500  # the images are still read: precision / recall use them
+    pr = precision_recall(r_feats, s_feats, k=3)
+    assert (pre["precision"], pre["recall"]) == pytest.approx((pr.precision, pr.recall))
+
+    imgs = _eval_json(capsys, *common, "--reference-images")
+    assert imgs["reference_stats"] == "images"
+    expected = _fd_scipy(s_mu, s_sigma, r_feats.mean(axis=0), np.cov(r_feats, rowvar=False))
+    assert imgs["fd"] == pytest.approx(expected, rel=1e-5)
+    assert abs(imgs["fd"] - pre["fd"]) > 0.5  # the two references really differ
+    assert (imgs["precision"], imgs["recall"]) == (pre["precision"], pre["recall"])
+
+    # A stats-only file still works; the text output says which statistics were used.
+    np.savez(tmp_path / "stats_only.npz", mu=mu, sigma=sigma)
+    assert main(["eval", "--samples", str(tmp_path / "samples.npz"), "--reference", str(tmp_path / "stats_only.npz"),
+                 "--features", "pixels"]) == 0
+    text = capsys.readouterr().out
+    assert "reference_stats: precomputed" in text and f"fd: {pre['fd']:.6f}" in text
+    assert main(["eval", "--samples", str(tmp_path / "samples.npz"), "--reference", str(tmp_path / "stats_only.npz"),
+                 "--features", "pixels", "--reference-images"]) == 2
+    assert "--reference-images needs" in capsys.readouterr().err
+
+
+def _register_spatial_extractor(name: str) -> None:
+    # Pooled features: the pixels; "spatial" features: the per-pixel channel mean, flattened (H * W dims).
+    def factory(options: FeatureOptions) -> FeatureExtractor:
+        return FeatureExtractor(name, lambda x: {"features": x.flatten(1), "spatial": x.mean(dim=1).flatten(1)},
+                                batch_size=options.batch_size)
+
+    register_feature_extractor(name, factory)
+
+
+def test_cli_sfid_is_the_fd_of_the_spatial_features(tmp_path, capsys):
+    rng = np.random.default_rng(41)
+    samples = np.clip(rng.normal(140, 30, (400, 3, 3, 3)), 0, 255).astype(np.uint8)
+    reference = np.clip(rng.normal(110, 20, (300, 3, 3, 3)), 0, 255).astype(np.uint8)
+    save_adm_npz(tmp_path / "s.npz", samples)
+    save_image_dir(tmp_path / "ref", reference)
+    _register_spatial_extractor("test-spatial")
+    try:
+        out = _eval_json(capsys, "--samples", tmp_path / "s.npz", "--reference", tmp_path / "ref",
+                         "--features", "test-spatial", "--batch-size", "7",
+                         "--save-reference-stats", tmp_path / "ref_stats.npz")
+        s_sp = samples.astype(np.float64).mean(axis=-1).reshape(400, -1) / 255.0
+        r_sp = reference.astype(np.float64).mean(axis=-1).reshape(300, -1) / 255.0
+        expected = _fd_scipy(s_sp.mean(axis=0), np.cov(s_sp, rowvar=False), r_sp.mean(axis=0),
+                             np.cov(r_sp, rowvar=False))
+        assert out["sfid"] == pytest.approx(expected, rel=1e-5)
+        # The saved reference stats carry mu_s / sigma_s; scoring against them gives the same sFID.
+        via_stats = _eval_json(capsys, "--samples", tmp_path / "s.npz", "--reference", tmp_path / "ref_stats.npz",
+                               "--features", "test-spatial")
+        assert via_stats["sfid"] == pytest.approx(out["sfid"], rel=1e-9)
+        assert via_stats["fd"] == pytest.approx(out["fd"], rel=1e-9)
+        # An ADM reference batch's mu_s / sigma_s are what sFID is measured against.
+        mu_s, sigma_s = np.full(9, 0.2), np.eye(9) * 0.003
+        r_feats = _pixel_features(reference)
+        np.savez(tmp_path / "adm.npz", arr_0=reference, mu=r_feats.mean(axis=0), sigma=np.cov(r_feats.T),
+                 mu_s=mu_s, sigma_s=sigma_s)
+        adm = _eval_json(capsys, "--samples", tmp_path / "s.npz", "--reference", tmp_path / "adm.npz",
+                         "--features", "test-spatial")
+        assert adm["sfid"] == pytest.approx(_fd_scipy(s_sp.mean(axis=0), np.cov(s_sp, rowvar=False), mu_s, sigma_s),
+                                            rel=1e-5)
+        assert adm["fd"] == pytest.approx(out["fd"], rel=1e-6)
+    finally:
+        unregister_feature_extractor("test-spatial")
+
+
+def test_cli_inception_score_from_score_logits(tmp_path, capsys):
+    # A registered extractor whose IS logits put each image confidently in the class of its brightest
+    # channel: 3 evenly used classes give IS = 3 (one split).
+    def factory(options: FeatureOptions) -> FeatureExtractor:
+        return FeatureExtractor("bright", lambda x: {"features": x.flatten(1), "score_logits": 80 * x.mean(dim=(2, 3))},
+                                batch_size=options.batch_size)
+
+    register_feature_extractor("test-bright", factory)
+    try:
+        images = np.zeros((30, 2, 2, 3), dtype=np.uint8)
+        images[np.arange(30), :, :, np.arange(30) % 3] = 200
+        images[:, 0, 0, :] += (np.arange(30) % 7).astype(np.uint8)[:, None]  # vary the features a little
+        save_adm_npz(tmp_path / "s.npz", images)
+        out = _eval_json(capsys, "--samples", tmp_path / "s.npz", "--reference", tmp_path / "s.npz",
+                         "--features", "test-bright")
+        assert out["inception_score"] == pytest.approx(3.0, rel=1e-6)
+        assert out["inception_score_split_size"] == 5000
+        assert "class_accuracy" not in out  # IS logits are not class predictions
+    finally:
+        unregister_feature_extractor("test-bright")
+
+
+def test_image_stream_from_images():
+    images = np.random.default_rng(42).integers(0, 256, (5, 2, 2), dtype=np.uint8)
+    stream = ImageStream.from_images(images, np.arange(5))
+    assert [b.shape for b in stream.batches(2)] == [(2, 2, 2, 3), (2, 2, 2, 3), (1, 2, 2, 3)]

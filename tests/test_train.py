@@ -161,8 +161,8 @@ def _deterministic_worker(rank: int, world_size: int, port: int, out: str, overr
     def regression(net, x, y, step):  # v(x, t = 1/2, y) regressed onto -x: deterministic given the batch
         return (net(x, torch.full((x.shape[0],), 0.5), y) + x).square().flatten(1).mean(1)
 
-    def build(device):  # the real teacher stage with the objective swapped: the engine trains any parts
-        parts = stages.build_stage(cfg, device)
+    def build(info):  # the real teacher stage with the objective swapped: the engine trains any parts
+        parts = stages.build_stage(cfg, info)
         parts.objective = regression
         parts.preview = None
         return parts
@@ -306,3 +306,26 @@ def test_training_from_a_latent_cache(tmp_path, pipeline):
     # a cache made by another encoder is refused
     other = [a.replace("depth: 1", "depth: 2") for a in argv]
     assert main([*other[:5], str(tmp_path / "other"), *other[6:]]) == 2
+
+
+def test_evaluation_during_training_logs_fd_and_leaves_training_untouched(tmp_path, pipeline):
+    """With `eval.every` on, the run logs the FD of its EMA samples at those steps, and every loss it logs is
+    the loss of the same run without evaluation (evaluation draws nothing from the training RNG)."""
+    from mfrae.data import DigitsDataset
+    from mfrae.eval.samples import save_adm_npz, to_uint8_nhwc
+
+    test = DigitsDataset(split="test", image_size=32)
+    reference = save_adm_npz(tmp_path / "reference.npz", to_uint8_nhwc(torch.stack([test[i][0] for i in range(64)])))
+    inputs = [f"rae.decoder={pipeline['decoder']}", f"rae.stats={pipeline['stats']}", f"teacher={pipeline['teacher']}"]
+    evaluation = ["eval.every=2", "eval.num_samples=24", "eval.batch_size=10", "eval.steps=[1, 2]",
+                  "eval.features=pixels", "eval.feature_options={pixels_size: 2}", f"eval.reference={reference}"]
+    for stage, extra, keys in (("teacher", ["eval.teacher_steps=[3]"], ["eval/fd_3nfe"]),
+                               ("mfd", [f"model.init={pipeline['cmt']}"], ["eval/fd_1step", "eval/fd_2step"])):
+        run = tmp_path / stage
+        argv = ["train", stage, "--config", "digits", "--out", str(run),
+                *sets(*TINY, *inputs, "train.steps=3", *extra, *evaluation)]
+        assert main(argv) == 0
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if keys[0] in r] == [2, 3]  # every 2 steps, and at the end
+        assert all(np.isfinite(r[k]) and r[k] >= 0 for r in records for k in keys if k in r)
+        assert losses(run) == losses(pipeline[stage]), stage

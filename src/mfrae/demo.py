@@ -3,13 +3,17 @@
     0. encoder    a small ViT trained on the digits, then frozen (stands in for DINOv2, whose weights cannot be
                   downloaded everywhere; with real weights the same pipeline uses DINOv2)
     1. decoder    RAE decoder (L1 + perceptual + GAN, noise-augmented), then the latent statistics
-    2. teacher    flow-matching DiT^DH
-    3. cmt        consistency mid-training on the teacher's 16-point Euler trajectories
-    4. mfd        MeanFlow distillation from the teacher (finite-difference derivative)
-    5. mft        MeanFlow bootstrapping with the one-point velocity
-    6. sampling   teacher with many ODE steps, MeanFlow with 1 and 2 steps, decoded by the RAE decoder
-    7. evaluation a judge classifier trained on real digits only: Fréchet distance of its penultimate features
-                  and class accuracy of its predictions; `DIR/report.html` and `DIR/report.json`
+    2. judge      a classifier trained on real digits only, and its feature statistics of the test split: the
+                  measure of every later step (Fréchet distance of its penultimate features, class accuracy)
+    3. teacher    flow-matching DiT^DH
+    4. cmt        consistency mid-training on the teacher's 16-point Euler trajectories
+    5. mfd        MeanFlow distillation from the teacher (finite-difference derivative)
+    6. mft        MeanFlow bootstrapping with the one-point velocity
+    7. sampling   teacher with many ODE steps, MeanFlow with 1 and 2 steps, decoded by the RAE decoder
+    8. evaluation the judge on every sampler's images; `DIR/report.html` and `DIR/report.json`
+
+Steps 3-6 also measure the judge FD of their EMA weights while they train (`eval` section of the preset,
+`mfrae.train.evaluation`); the report plots those curves.
 
 Every training stage is the ordinary `mfrae train` engine on the `digits` preset with the overrides below;
 each run directory under DIR can be inspected, resumed or sampled like any other. Running the demo again
@@ -58,6 +62,8 @@ class DemoSettings:
     mft_steps: int
     num_samples: int  # generated images per model for evaluation
     teacher_nfe: int  # ODE evaluations of the teacher
+    eval_points: int  # evaluations during each latent stage's training (its FD curve)
+    eval_samples: int  # samples per evaluation during training
     overrides: dict[str, list[str]] = field(default_factory=dict)  # extra `--set` overrides per stage
 
 
@@ -65,14 +71,16 @@ class DemoSettings:
 # with 49 Euler evaluations on the 50-point grid of the released RAE sampler.
 FULL = DemoSettings(
     encoder_steps=400, judge_steps=200, decoder_steps=1200, teacher_steps=1500, cmt_steps=1000, mfd_steps=300,
-    mft_steps=200, num_samples=1000, teacher_nfe=49,
+    mft_steps=200, num_samples=1000, teacher_nfe=49, eval_points=5, eval_samples=500,
 )
 FAST = DemoSettings(
     encoder_steps=150, judge_steps=200, decoder_steps=200, teacher_steps=300, cmt_steps=60, mfd_steps=150,
-    mft_steps=60, num_samples=200, teacher_nfe=16,
+    mft_steps=60, num_samples=200, teacher_nfe=16, eval_points=2, eval_samples=200,
 )
 
-STAGE_ORDER = ("encoder", "decoder", "teacher", "cmt", "mfd", "mft", "sampling", "evaluation")
+STAGE_ORDER = ("encoder", "decoder", "judge", "teacher", "cmt", "mfd", "mft", "sampling", "evaluation")
+LATENT_STAGES = ("teacher", "cmt", "mfd", "mft")
+LOG_EVERY = 20  # train.log_every of the digits preset: in-training evaluations fall on log steps
 
 
 #################################################################################
@@ -85,6 +93,17 @@ class StageResult:
     """A stage whose output is on disk: the file or run directory it wrote (or reused) and a summary line."""
 
     path: Path
+    summary: str
+
+
+@dataclass(frozen=True)
+class JudgeResult:
+    """The judge (saved to `path`) and its feature statistics of the real test split (saved to `reference`)."""
+
+    path: Path
+    reference: Path
+    judge: Any  # mfrae.eval.judge.DigitsJudge
+    reference_stats: Any  # mfrae.eval.metrics.FeatureStats
     summary: str
 
 
@@ -162,12 +181,21 @@ class Demo:
             f"train.seed={self.seed}",
         ]
 
-    def _train(self, stage: str, steps: int, init: StageResult | None = None) -> StageResult:
+    def eval_overrides(self, steps: int, judge: JudgeResult) -> list[str]:
+        """Turn on the preset's in-training evaluation with this demo's judge, about `eval_points` times a run."""
+        every = max(LOG_EVERY, steps // self.settings.eval_points // LOG_EVERY * LOG_EVERY)
+        return [f"eval.every={every}", f"eval.num_samples={self.settings.eval_samples}",
+                f"eval.teacher_steps=[{self.settings.teacher_nfe}]", f"eval.seed={self.seed + 1}",
+                f"eval.feature_options={{extra: {{judge: {judge.path}}}}}", f"eval.reference={judge.reference}"]
+
+    def _train(self, stage: str, steps: int, init: StageResult | None = None,
+               judge: JudgeResult | None = None) -> StageResult:
         from mfrae.train.stages import load_stage_config, train_stage
 
         run = self.path(stage)
         overrides = [*self.common_overrides(), f"train.steps={steps}", *self.settings.overrides.get(stage, []),
-                     *([f"model.init={init.path}"] if init is not None else [])]
+                     *([f"model.init={init.path}"] if init is not None else []),
+                     *(self.eval_overrides(steps, judge) if judge is not None else [])]
         cfg = load_stage_config(stage, "digits", overrides)
         latest = RunDir(run).latest_checkpoint()
         if latest is not None and latest.name == f"step_{steps:08d}":
@@ -181,12 +209,13 @@ class Demo:
         s, seconds = self.settings, {}
         encoder = _timed(seconds, "encoder", self.encoder)
         _timed(seconds, "decoder", lambda: (self.decoder(), self.statistics(encoder)))
-        _timed(seconds, "teacher", lambda: self._train("teacher", s.teacher_steps))
-        cmt = _timed(seconds, "cmt", lambda: self._train("cmt", s.cmt_steps))
-        mfd = _timed(seconds, "mfd", lambda: self._train("mfd", s.mfd_steps, init=cmt))
-        _timed(seconds, "mft", lambda: self._train("mft", s.mft_steps, init=mfd))
+        judge = _timed(seconds, "judge", self.judge)
+        _timed(seconds, "teacher", lambda: self._train("teacher", s.teacher_steps, judge=judge))
+        cmt = _timed(seconds, "cmt", lambda: self._train("cmt", s.cmt_steps, judge=judge))
+        mfd = _timed(seconds, "mfd", lambda: self._train("mfd", s.mfd_steps, init=cmt, judge=judge))
+        _timed(seconds, "mft", lambda: self._train("mft", s.mft_steps, init=mfd, judge=judge))
         sampling = _timed(seconds, "sampling", self.sampling)
-        evaluation = _timed(seconds, "evaluation", lambda: self.evaluation(sampling))
+        evaluation = _timed(seconds, "evaluation", lambda: self.evaluation(sampling, judge))
         return DemoResult(self.report(sampling, evaluation, seconds), sampling, evaluation)
 
     # -- stages -----------------------------------------------------------------------------------
@@ -217,6 +246,21 @@ class Demo:
         save_latent_stats(stats, path)
         return StageResult(path.parent, "latent statistics written")
 
+    def judge(self) -> JudgeResult:
+        """Train the judge on the train split (its own seeded RNG: the training runs' draws do not move) and
+        store it with its statistics of the test split, the reference of every FD."""
+        from mfrae.eval.judge import DigitsJudge, judge_reference_stats, train_judge
+        from mfrae.eval.metrics import FeatureStats
+
+        path, reference = self.path("judge.safetensors"), self.path("judge_reference.npz")
+        if path.exists() and reference.exists():
+            return JudgeResult(path, reference, DigitsJudge.load(path), FeatureStats.load(reference), f"reused {path}")
+        judge = train_judge(DigitsDataset(split="train"), steps=self.settings.judge_steps, seed=self.seed)
+        stats = judge_reference_stats(judge, _stack(DigitsDataset(split="test"))[0])
+        judge.save(path)
+        stats.save(reference)
+        return JudgeResult(path, reference, judge, stats, f"{self.settings.judge_steps} steps; test-split statistics written")
+
     def models(self) -> dict[str, DiTDH]:
         return {name: load_dit_dh(resolve_weights(self.path(name))).eval() for name in ("teacher", "cmt", "mfd", "mft")}
 
@@ -228,7 +272,7 @@ class Demo:
         ).eval()
 
     def sampling(self) -> SamplingResult:
-        from mfrae.sample import SampleSettings, generate
+        from mfrae.generation import SampleSettings, generate
         from mfrae.train.stages import load_stage_config
 
         s = self.settings
@@ -245,13 +289,12 @@ class Demo:
             speed[name] = s.num_samples / (time.perf_counter() - start)
         return SamplingResult(samples, labels, speed, s.teacher_nfe)
 
-    def evaluation(self, sampling: SamplingResult) -> EvaluationResult:
-        from mfrae.eval.judge import judge_metrics, judge_reference_stats, train_judge
+    def evaluation(self, sampling: SamplingResult, judge_result: JudgeResult) -> EvaluationResult:
+        from mfrae.eval.judge import judge_metrics
 
         s = self.settings
-        judge = train_judge(DigitsDataset(split="train"), steps=s.judge_steps, seed=self.seed)
+        judge, reference = judge_result.judge, judge_result.reference_stats  # the real test split
         test_images, test_labels = _stack(DigitsDataset(split="test"))
-        reference = judge_reference_stats(judge, test_images)  # the real test split
         train_images, train_labels = _stack(DigitsDataset(split="train"), s.num_samples)
         with torch.no_grad():
             rae = self.rae()

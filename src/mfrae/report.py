@@ -492,6 +492,11 @@ def _stage_curves_html(stage: str, source: str | Path, log_loss: bool) -> str:
     grads = [s for s in [_curve(log.records, "grad_norm")] if s.x]
     body = (svg_line_chart(losses, f"{stage}: loss", "step", "loss", log_y=log_loss)
             + svg_line_chart(grads, f"{stage}: gradient norm", "step", "pre-clip gradient norm"))
+    # Quality during training (`eval/fd_*` of mfrae.train.evaluation), when the run measured it.
+    fd_keys = sorted({k for r in log.records for k in r if k.startswith("eval/fd_")})
+    if fd_keys:
+        curves = [Series(k[len("eval/fd_"):], c.x, c.y) for k in fd_keys for c in [_curve(log.records, k)] if c.x]
+        body += svg_line_chart(curves, f"{stage}: FD of EMA samples during training", "step", "FD")
     notes = f"{len(log.records)} records from {log.path}"
     if log.skipped:
         notes += f"; {log.skipped} unreadable line(s) skipped"

@@ -1,21 +1,41 @@
 """`mfrae sample`: images from a teacher (ODE) or MeanFlow (jumps) checkpoint, decoded by the RAE decoder.
 
-    MeanFlow:  z <- z - (t_i - t_{i+1}) u(z, t_{i+1}, t_i) on the uniform grid of `--steps` jumps (1 or 2 usually)
+    MeanFlow:  `--steps` uniform jumps (1 or 2 usually) or the explicit time grid `--grid 1,0.6,0`
     teacher:   Euler / Heun on the shifted grid, `--steps` network evaluations (the released configs' "50 steps"
                are 50 grid points = `--steps 49`), optional CFG or AutoGuidance
-    images  =  clamp(RAE.decode(z), 0, 1)
+    images  =  clamp(RAE.decode(z), 0, 1), then uint8 by truncation (ADM convention); see `mfrae.generation`
 
-Writes DIR/images/NNNNNN.png, DIR/grid.png, DIR/samples.npz (the ADM evaluator's layout: uint8 NHWC `arr_0`,
-labels `arr_1`) and DIR/sampling.json (settings and images per second, decoding included).
+Streaming: samples are generated batch by batch, turned into uint8 and written into shards of `--shard-size`
+consecutive indices (`mfrae.sample_shards`); `samples.npz` is then assembled from the shards in pieces. Host
+memory depends on the batch size only, not on `--num-samples`.
+
+Determinism: the noise of sample i depends only on (seed, i): it is drawn on the CPU from its own generator
+and then moved to the device (`mfrae.generation.sample_noise`); the label of sample i is entry i of
+`class_labels(spec, num, num_classes, seed)`, computed whole on every process. The images therefore do not
+depend on the number of processes, on which process made which shard, or on resuming; the batch size changes
+them only by kernel rounding (batches never cross a shard, so with a shard size that is a multiple of the batch
+size every batch is the same whatever the number of processes, and the files are byte-identical).
+
+Several processes: `torchrun --nproc_per_node N -m mfrae sample --num-samples ...` (nccl on GPU, gloo on CPU)
+deals the missing shards out to the processes; rank 0 assembles `samples.npz` once every process is done.
+(torchrun reads `--num` as an ambiguous abbreviation of its `--numa-binding`: spell `--num-samples` there.)
+`--resume` continues an interrupted run, whatever killed it: complete shards are kept as they are, damaged or
+half-written ones are redone, and the final files are those of an uninterrupted run.
+
+Writes DIR/samples.npz (ADM layout: uint8 NHWC `arr_0`, int64 labels `arr_1`), DIR/images/NNNNNN.png and
+labels.txt (unless --no-png), DIR/grid.png (the first 64), DIR/shards/, DIR/plan.json and DIR/sampling.json
+(settings, seconds, images per second, decoding included).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,68 +44,78 @@ from torch import Tensor
 
 from mfrae.checkpoint import load_dit_dh, load_latent_stats, load_vit_decoder
 from mfrae.config import from_dict
-from mfrae.eval.samples import save_adm_npz, save_image_dir, to_uint8_nhwc
-from mfrae.flow.paths import dimension_shift
-from mfrae.flow.samplers import flow_matching_sample, meanflow_sample
+from mfrae.distributed import DistInfo, gather_objects, init_distributed, shutdown_distributed
+from mfrae.eval.samples import from_uint8_nhwc, to_uint8_nhwc
+from mfrae.fileio import atomic_write_text
+from mfrae.generation import (SampleSettings, batches, class_labels, generate, generate_batch, generate_indices,
+                              prefetched_noise)
 from mfrae.images import save_image_grid
 from mfrae.models.dit_dh import DiTDH
 from mfrae.models.rae import RAE
 from mfrae.pipeline import RAEConfig, build_rae_encoder
+from mfrae.sample_shards import ShardPlan, save_pngs, write_adm_npz
 from mfrae.train.runs import resolve_weights
 
-
-@dataclass
-class SampleSettings:
-    steps: int = 1
-    batch_size: int = 64
-    shift: float | None = None  # teacher ODE grid shift; None: sqrt(C H W / 4096)
-    method: str = "euler"
-    cfg_scale: float = 1.0
-    cfg_interval: tuple[float, float] = (0.0, 1.0)
-    autoguidance_scale: float = 1.0
-    decoder_bf16: bool = False
+__all__ = ["SampleSettings", "class_labels", "generate", "generate_batch", "generate_indices", "add_arguments", "run"]
+PLAN_FILE = "plan.json"
 
 
-def class_labels(spec: str, num: int, num_classes: int, seed: int) -> Tensor:
-    """"equal" (num / num_classes per class, shuffled), "random", or a comma list cycled to `num`."""
-    generator = torch.Generator().manual_seed(seed)
-    if spec == "equal":
-        labels = torch.arange(num) % num_classes
-        return labels[torch.randperm(num, generator=generator)]
-    if spec == "random":
-        return torch.randint(0, num_classes, (num,), generator=generator)
+#################################################################################
+#                                The command                                    #
+#################################################################################
+
+
+def parse_grid(text: str) -> tuple[float, ...]:
+    """"1,0.6,0" -> (1.0, 0.6, 0.0): a strictly decreasing MeanFlow time grid in [0, 1]."""
     try:
-        values = [int(v) for v in spec.split(",") if v.strip()]
+        grid = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"--labels must be 'equal', 'random' or a comma list of class ids, got {spec!r}") from None
-    bad = [v for v in values if not 0 <= v <= num_classes]
-    if not values or bad:
-        raise ValueError(f"--labels: class ids must be in [0, {num_classes}] ({num_classes} = null), got {spec!r}")
-    return torch.tensor(values).repeat(math.ceil(num / len(values)))[:num]
+        grid = ()
+    if len(grid) < 2 or any(b >= a for a, b in zip(grid, grid[1:])) or not (0 <= grid[-1] and grid[0] <= 1):
+        raise argparse.ArgumentTypeError(f"expected at least 2 strictly decreasing times in [0, 1], got {text!r}")
+    return grid
 
 
-@torch.inference_mode()
-def generate(model: DiTDH, rae: RAE, labels: Tensor, settings: SampleSettings, seed: int = 0,
-             weak_model: DiTDH | None = None, device: torch.device | str = "cpu") -> Tensor:
-    """Images [N, 3, H, W] in [0, 1] for `labels`; the noise of sample i depends only on (seed, i)."""
-    shape = model.latent_shape
-    shift = settings.shift if settings.shift is not None else dimension_shift(shape)
-    out = []
-    for start in range(0, len(labels), settings.batch_size):
-        y = labels[start : start + settings.batch_size].to(device)
-        noise = torch.stack([
-            torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i)) for i in range(len(y))
-        ]).to(device)
-        if model.is_meanflow:
-            z = meanflow_sample(model, noise, y, steps=settings.steps)
-        else:
-            z = flow_matching_sample(model, noise, y, num_points=settings.steps + 1, shift=shift,
-                                     method=settings.method, cfg_scale=settings.cfg_scale,
-                                     cfg_interval=settings.cfg_interval, weak_model=weak_model,
-                                     autoguidance_scale=settings.autoguidance_scale)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=settings.decoder_bf16):
-            out.append(rae.decode(z).float().clamp(0, 1).cpu())
-    return torch.cat(out)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True,
+                        help="run directory, checkpoint folder or weights file (teacher or MeanFlow)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="MeanFlow jumps, or teacher network evaluations (default 1)")
+    parser.add_argument("--grid", type=parse_grid, default=None, metavar="T0,T1,...",
+                        help="explicit MeanFlow time grid, e.g. 1,0.6,0 (instead of --steps' uniform one)")
+    parser.add_argument("--num-samples", "--num", dest="num", type=int, default=64,
+                        help="number of images (spell --num-samples under torchrun: it takes --num for its own)")
+    parser.add_argument("--labels", default="equal", help="'equal' (default), 'random' or a comma list of class ids")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--decoder", help="RAE decoder (default: the run's rae.decoder)")
+    parser.add_argument("--stats", help="latent statistics (default: the run's rae.stats)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch and process")
+    parser.add_argument("--shard-size", type=int, default=1000,
+                        help="images per shard file (the unit of resuming; fixed for a run)")
+    parser.add_argument("--shift", type=float, default=None,
+                        help="teacher ODE time shift (default: the run's training shift, else sqrt(CHW/4096))")
+    parser.add_argument("--method", choices=("euler", "heun"), default="euler", help="teacher ODE solver")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="teacher classifier-free guidance scale")
+    parser.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("T_MIN", "T_MAX"))
+    parser.add_argument("--weak-ckpt", help="AutoGuidance: the weaker teacher")
+    parser.add_argument("--ag-scale", type=float, default=1.0, help="AutoGuidance scale")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (under torchrun each process takes cuda:LOCAL_RANK)")
+    parser.add_argument("--bf16", action="store_true", help="run the backbone under bf16 autocast")
+    parser.add_argument("--decoder-bf16", action="store_true", help="run the decoder under bf16 autocast")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone and the decoder")
+    parser.add_argument("--no-png", action="store_true", help="skip the individual PNG files")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.grid is not None and args.steps is not None and args.steps != len(args.grid) - 1:
+        raise ValueError(f"--steps {args.steps} contradicts --grid ({len(args.grid) - 1} jumps); give one of them")
+    args.steps = len(args.grid) - 1 if args.grid is not None else (1 if args.steps is None else args.steps)
+    for name in ("steps", "num", "batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
 def _run_config(ckpt: str) -> dict:
@@ -98,74 +128,154 @@ def _run_config(ckpt: str) -> dict:
     return yaml.safe_load(config.read_text()) or {}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="run directory, checkpoint folder or weights file (teacher or MeanFlow)")
-    parser.add_argument("--steps", type=int, default=1, help="MeanFlow jumps, or teacher network evaluations")
-    parser.add_argument("--num", type=int, default=64, help="number of images")
-    parser.add_argument("--labels", default="equal", help="'equal' (default), 'random' or a comma list of class ids")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--decoder", help="RAE decoder (default: the run's rae.decoder)")
-    parser.add_argument("--stats", help="latent statistics (default: the run's rae.stats)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--shift", type=float, default=None,
-                        help="teacher ODE time shift (default: the run's training shift, else sqrt(CHW/4096))")
-    parser.add_argument("--method", choices=("euler", "heun"), default="euler", help="teacher ODE solver")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="teacher classifier-free guidance scale")
-    parser.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("T_MIN", "T_MAX"))
-    parser.add_argument("--weak-ckpt", help="AutoGuidance: the weaker teacher")
-    parser.add_argument("--ag-scale", type=float, default=1.0, help="AutoGuidance scale")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--decoder-bf16", action="store_true", help="run the decoder under bf16 autocast")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone and the decoder")
-    parser.add_argument("--no-png", action="store_true", help="skip the individual PNG files")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.steps < 1 or args.num < 1:
-        raise ValueError(f"--steps and --num must be >= 1, got {args.steps} and {args.num}")
-    run_config = _run_config(args.ckpt)
-    run_rae = from_dict(RAEConfig, run_config.get("rae") or {}, "rae")  # the run's part of its PipelineConfig
-    # A teacher samples on the time grid it was trained with, unless told otherwise.
-    trained_shift = (run_config.get("objective") or {}).get("shift")
-    decoder_spec, stats_spec = args.decoder or run_rae.decoder, args.stats or run_rae.stats
-    if not decoder_spec:
-        raise ValueError("no RAE decoder: pass --decoder (or sample from a run directory whose config names rae.decoder)")
-    device = torch.device(args.device)
-    model = load_dit_dh(resolve_weights(args.ckpt)).to(device).eval()
-    weak = load_dit_dh(resolve_weights(args.weak_ckpt), meanflow=False).to(device).eval() if args.weak_ckpt else None
-    decoder = load_vit_decoder(resolve_weights(decoder_spec))
-    stats = load_latent_stats(resolve_weights(stats_spec)) if stats_spec else None
-    rae = _decode_only_rae(run_rae, decoder, stats).to(device).eval()
-    if args.compile:
-        model, rae.decoder = torch.compile(model), torch.compile(rae.decoder)
-    labels = class_labels(args.labels, args.num, model.num_classes, args.seed)
-    shift = args.shift if args.shift is not None else trained_shift
-    settings = SampleSettings(steps=args.steps, batch_size=args.batch_size, shift=shift, method=args.method,
-                              cfg_scale=args.cfg_scale, cfg_interval=tuple(args.cfg_interval),
-                              autoguidance_scale=args.ag_scale, decoder_bf16=args.decoder_bf16)
-    start = time.perf_counter()
-    images = generate(model, rae, labels, settings, args.seed, weak, device)
-    seconds = time.perf_counter() - start
-
-    out = Path(args.out)
-    uint8 = to_uint8_nhwc(images)
-    save_adm_npz(out / "samples.npz", uint8, labels.numpy().astype(np.int64))
-    save_image_grid(images[:64], out / "grid.png")
-    if not args.no_png:
-        save_image_dir(out / "images", uint8, labels.numpy())
-    report = {
-        "ckpt": str(args.ckpt), "kind": "meanflow" if model.is_meanflow else "teacher", "steps": args.steps,
-        "nfe": args.steps * (2 if (not model.is_meanflow and args.method == "heun") else 1), "num": args.num,
-        "seconds": seconds, "images_per_second": args.num / seconds, "seed": args.seed,
-    }
-    (out / "sampling.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.num} images to {out} ({report['images_per_second']:.1f} images/s, decoding included)")
-    return 0
-
-
 def _decode_only_rae(run_rae: RAEConfig, decoder, stats) -> RAE:
     """Decoding needs the encoder's pixel normalisation only; read it without loading encoder weights."""
     if run_rae.encoder.name == "dinov2":
         return RAE(None, decoder, stats)  # ImageNet mean / std, as DINOv2's processor
     return RAE(build_rae_encoder(run_rae), decoder, stats)
+
+
+@dataclass
+class _Models:
+    model: DiTDH
+    weak: DiTDH | None
+    rae: RAE
+    decoder: str
+    stats: str | None
+    shift: float | None  # the run's training shift, when known
+
+
+def _load_models(args: argparse.Namespace, device: torch.device) -> _Models:
+    run_config = _run_config(args.ckpt)
+    run_rae = from_dict(RAEConfig, run_config.get("rae") or {}, "rae")  # the run's part of its PipelineConfig
+    decoder_spec, stats_spec = args.decoder or run_rae.decoder, args.stats or run_rae.stats
+    if not decoder_spec:
+        raise ValueError("no RAE decoder: pass --decoder (or sample from a run directory whose config names "
+                         "rae.decoder)")
+    model = load_dit_dh(resolve_weights(args.ckpt)).to(device).eval()
+    if args.grid is not None and not model.is_meanflow:
+        raise ValueError("--grid is a MeanFlow time grid; a teacher samples on its shifted ODE grid (--steps, --shift)")
+    weak = load_dit_dh(resolve_weights(args.weak_ckpt), meanflow=False).to(device).eval() if args.weak_ckpt else None
+    decoder = load_vit_decoder(resolve_weights(decoder_spec))
+    stats = load_latent_stats(resolve_weights(stats_spec)) if stats_spec else None
+    rae = _decode_only_rae(run_rae, decoder, stats).to(device).eval()
+    # A teacher samples on the time grid it was trained with, unless told otherwise.
+    shift = (run_config.get("objective") or {}).get("shift")
+    return _Models(model, weak, rae, str(decoder_spec), str(stats_spec) if stats_spec else None, shift)
+
+
+def _prepare_output(plan: ShardPlan, fingerprint: dict, resume: bool) -> None:
+    """Write DIR/plan.json for a new run; for --resume check that it describes the same images."""
+    path = plan.root / PLAN_FILE
+    if path.is_file():
+        if not resume:
+            raise ValueError(f"{plan.root} holds an earlier sampling run: pass --resume to continue it, "
+                             "or another --out")
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in {*before, *fingerprint} if before.get(k) != fingerprint.get(k))
+        if changed:
+            differences = ", ".join(f"{k} was {before.get(k)!r}, now {fingerprint.get(k)!r}" for k in changed)
+            raise ValueError(f"--resume with other settings than {path}: {differences}")
+        plan.remove_partial_files()
+        return
+    (plan.root / "shards").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(fingerprint, indent=2))
+
+
+def _on_main(info: DistInfo, fn, *fn_args):
+    """Run `fn` on rank 0 and give every process its result; a ValueError there is raised everywhere."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn(*fn_args)
+        except ValueError as err:
+            error = str(err)
+    result, error = gather_objects((result, error), info)[0]
+    if error is not None:
+        raise ValueError(error)
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_arguments(args)
+    info = init_distributed(args.device)
+    try:
+        return _sample(args, info)
+    finally:
+        shutdown_distributed()
+
+
+def _sample(args: argparse.Namespace, info: DistInfo) -> int:
+    from tqdm.auto import tqdm
+
+    device = info.device if info.enabled else torch.device(args.device)
+    models = _load_models(args, device)
+    model, rae = models.model, models.rae
+    labels = class_labels(args.labels, args.num, model.num_classes, args.seed)
+    settings = SampleSettings(steps=args.steps, batch_size=args.batch_size,
+                              shift=args.shift if args.shift is not None else models.shift, method=args.method,
+                              cfg_scale=args.cfg_scale, cfg_interval=tuple(args.cfg_interval),
+                              autoguidance_scale=args.ag_scale, decoder_bf16=args.decoder_bf16,
+                              grid=args.grid, bf16=args.bf16)
+    # What the images depend on; batch size, device, compile and process count only change rounding.
+    fingerprint = {"ckpt": str(args.ckpt), "weak_ckpt": args.weak_ckpt, "decoder": models.decoder,
+                   "stats": models.stats, "kind": "meanflow" if model.is_meanflow else "teacher",
+                   "num": args.num, "shard_size": args.shard_size, "labels": args.labels, "seed": args.seed,
+                   "png": not args.no_png, **{k: v for k, v in asdict(settings).items() if k != "batch_size"}}
+    fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as read back from plan.json
+    out = Path(args.out)
+    plan = ShardPlan(out, args.num, args.shard_size)
+    _on_main(info, _prepare_output, plan, fingerprint, args.resume)
+    missing = _on_main(info, plan.missing)
+    mine = missing[info.rank :: info.world_size]
+    if args.compile:
+        model, rae.decoder = torch.compile(model), torch.compile(rae.decoder)
+
+    total = sum(len(plan.indices(k)) for k in mine)
+    bar = tqdm(total=total, unit="img", unit_scale=info.world_size, disable=not info.is_main or total == 0,
+               desc=f"sampling ({info.world_size} process{'es' if info.enabled else ''}, counts scaled from rank 0)")
+    start = time.perf_counter()
+
+    pieces = [b for k in mine for b in batches(plan.indices(k), args.batch_size)]
+    noise = prefetched_noise(models.model.latent_shape, pieces, args.seed, prefetch=device.type != "cpu")
+
+    def shard_batches(k: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for b in batches(plan.indices(k), args.batch_size):
+            y = labels[b.start : b.stop]
+            images = generate_batch(model, rae, y, b, settings, args.seed, models.weak, device, next(noise))
+            images = to_uint8_nhwc(images)
+            if not args.no_png:
+                save_pngs(out / "images", images, b.start, args.num)
+            bar.update(len(b))
+            yield images, y.numpy()
+
+    for k in mine:
+        write_adm_npz(plan.path(k), len(plan.indices(k)), shard_batches(k))
+    bar.close()
+    seconds = time.perf_counter() - start
+    done = gather_objects(seconds, info)  # also the barrier before rank 0 assembles
+    if info.is_main:
+        _assemble(plan, labels, args, fingerprint, generated=sum(len(plan.indices(k)) for k in missing),
+                  seconds=max(done), world_size=info.world_size)
+    return 0
+
+
+def _assemble(plan: ShardPlan, labels: Tensor, args: argparse.Namespace, fingerprint: dict, generated: int,
+              seconds: float, world_size: int) -> None:
+    """samples.npz, labels.txt, grid.png and sampling.json from the complete shards (rank 0)."""
+    out = plan.root
+    write_adm_npz(out / "samples.npz", plan.num, plan.read_all())
+    if not args.no_png:
+        (out / "images").mkdir(exist_ok=True)
+        atomic_write_text(out / "images" / "labels.txt", "".join(f"{int(v)}\n" for v in labels))
+    first = itertools.islice(plan.read_all(), math.ceil(64 / plan.shard_size))
+    save_image_grid(from_uint8_nhwc(np.concatenate([images for images, _ in first])[:64]), out / "grid.png")
+    steps, heun = fingerprint["steps"], fingerprint["kind"] == "teacher" and args.method == "heun"
+    report = {
+        **fingerprint, "nfe": steps * (2 if heun else 1), "batch_size": args.batch_size, "device": str(args.device),
+        "compile": args.compile, "world_size": world_size, "resumed": args.resume, "generated": generated,
+        "seconds": seconds, "images_per_second": generated / seconds if seconds > 0 else 0.0,
+    }
+    atomic_write_text(out / "sampling.json", json.dumps(report, indent=2))
+    print(f"wrote {plan.num} images to {out} ({report['images_per_second']:.1f} images/s in this launch, "
+          f"decoding included)")

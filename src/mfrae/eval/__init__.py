@@ -1,5 +1,6 @@
-"""Evaluation: Fréchet distance (FID with the FID Inception-v3, FD on encoder features), k-NN precision /
-recall, class accuracy, image-set I/O (ADM .npz, image folders) and the `mfrae eval` command (`mfrae.eval.cli`).
+"""Evaluation: Fréchet distance (FID with the FID Inception-v3, FD on encoder features), sFID, Inception Score,
+k-NN precision / recall, class accuracy, image-set I/O (ADM .npz, image folders, read whole or streamed) and the
+`mfrae eval` command (`mfrae.eval.cli`; the FID-50K protocol: docs/evaluation.md).
 """
 
 from mfrae.eval.features import (
@@ -8,13 +9,32 @@ from mfrae.eval.features import (
     FeatureOptions,
     available_feature_extractors,
     build_feature_extractor,
+    default_device,
     encoder_feature_extractor,
     register_feature_extractor,
     unregister_feature_extractor,
 )
-from mfrae.eval.inception import FIDInceptionV3, load_fid_inception
-from mfrae.eval.metrics import FeatureStats, PrecisionRecall, class_accuracy, frechet_distance, precision_recall
-from mfrae.eval.samples import ImageSet, from_uint8_nhwc, load_images, save_adm_npz, save_image_dir, to_uint8_nhwc
+from mfrae.eval.inception import FIDInceptionV3, InceptionOutputs, load_fid_inception
+from mfrae.eval.metrics import (
+    FeatureStats,
+    PrecisionRecall,
+    RunningStats,
+    class_accuracy,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+    sfid,
+)
+from mfrae.eval.samples import (
+    ImageSet,
+    ImageStream,
+    from_uint8_nhwc,
+    load_images,
+    open_images,
+    save_adm_npz,
+    save_image_dir,
+    to_uint8_nhwc,
+)
 
 __all__ = [
     "Extracted",
@@ -23,19 +43,26 @@ __all__ = [
     "FeatureOptions",
     "FeatureStats",
     "ImageSet",
+    "ImageStream",
+    "InceptionOutputs",
     "PrecisionRecall",
+    "RunningStats",
     "available_feature_extractors",
     "build_feature_extractor",
     "class_accuracy",
+    "default_device",
     "encoder_feature_extractor",
     "frechet_distance",
     "from_uint8_nhwc",
+    "inception_score",
     "load_fid_inception",
     "load_images",
+    "open_images",
     "precision_recall",
     "register_feature_extractor",
     "save_adm_npz",
     "save_image_dir",
+    "sfid",
     "to_uint8_nhwc",
     "unregister_feature_extractor",
 ]

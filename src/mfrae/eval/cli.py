@@ -1,10 +1,19 @@
-"""Fréchet distance, precision / recall and class accuracy of generated images against a reference set.
+"""FID, sFID, Inception Score, precision / recall and class accuracy of generated images against a reference set.
 
 `mfrae eval --samples S --reference R --features NAME`. S and R are each an ADM-style .npz (`arr_0` uint8
 NHWC, optional labels), a folder of PNG/JPEG images, or a feature-stats .npz (`mu`, `sigma`, written by
-`--save-reference-stats` / `--save-sample-stats`). With a stats file only the Fréchet distance can be
-computed: precision / recall need the features themselves, and the output says they were skipped.
-Class accuracy is reported when the samples carry labels and the chosen extractor also classifies.
+`--save-reference-stats` / `--save-sample-stats`).
+
+A reference .npz with precomputed `mu` / `sigma` (an ADM reference batch such as `VIRTUAL_imagenet256_labeled.npz`
+holds them next to 10k images in `arr_0`, and `mu_s` / `sigma_s` for sFID) is scored against those statistics,
+as the ADM evaluator does; its images still give the features for precision / recall. `--reference-images`
+computes the reference statistics from its images instead. The output names which was used
+(`reference_stats`: `precomputed` or `images`).
+
+With `--features inception` (the default) the result holds `fid`, `sfid`, `inception_score`, `precision` and
+`recall` (the protocol: docs/evaluation.md). With a stats file only the Fréchet distances can be computed:
+precision / recall need the features themselves, and the output says they were skipped. Class accuracy is
+reported when the samples carry labels and the chosen extractor also classifies.
 """
 
 from __future__ import annotations
@@ -16,14 +25,25 @@ from pathlib import Path
 
 import numpy as np
 
-from mfrae.eval.features import FeatureExtractor, FeatureOptions, available_feature_extractors, build_feature_extractor
-from mfrae.eval.metrics import FeatureStats, class_accuracy, precision_recall
-from mfrae.eval.samples import ImageSet, load_images, save_adm_npz
+from mfrae.eval.features import (
+    FeatureExtractor,
+    FeatureOptions,
+    available_feature_extractors,
+    build_feature_extractor,
+    default_device,
+)
+from mfrae.eval.metrics import IS_SPLIT_SIZE, FeatureStats, class_accuracy, inception_score, precision_recall, sfid
+from mfrae.eval.samples import ImageStream, load_images, open_images, save_adm_npz
+
+PRECOMPUTED, FROM_IMAGES = "precomputed", "images"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", help="generated images: .npz (arr_0 uint8 NHWC), image folder, or stats .npz")
-    parser.add_argument("--reference", help="reference images (.npz or folder) or a precomputed stats .npz")
+    parser.add_argument("--reference", help="reference images (.npz or folder), an ADM reference batch (images + "
+                                            "precomputed mu/sigma, used as such) or a stats .npz")
+    parser.add_argument("--reference-images", action="store_true",
+                        help="compute the reference statistics from its images even when it has precomputed mu/sigma")
     parser.add_argument("--features", default="inception",
                         help=f"feature extractor: {', '.join(available_feature_extractors())} (default: inception)")
     parser.add_argument("--inception-weights", metavar="PATH",
@@ -33,59 +53,125 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pixels-size", type=int, default=32,
                         help="longer side of the downsampled image for --features pixels (default: 32)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per feature batch (default: 64)")
-    parser.add_argument("--device", default="cpu", help="torch device for feature extraction (default: cpu)")
+    parser.add_argument("--device", default=None, help="torch device for feature extraction (default: cuda if "
+                                                       "available, else cpu)")
     parser.add_argument("--k", type=int, default=3, help="neighbour index for precision / recall (default: 3)")
+    parser.add_argument("--is-split-size", type=int, default=IS_SPLIT_SIZE,
+                        help=f"samples per Inception Score split (default: {IS_SPLIT_SIZE}, as the ADM evaluator)")
     parser.add_argument("--save-reference-stats", metavar="PATH", help="write the reference feature stats (.npz)")
     parser.add_argument("--save-sample-stats", metavar="PATH", help="write the sample feature stats (.npz)")
     parser.add_argument("--export-adm", metavar="PATH", help="write the samples as an ADM evaluator .npz")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar during feature extraction")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
-def _is_stats_file(path: Path) -> bool:
-    """An .npz holding `mu` and `sigma` but no images (`arr_0`) is a stats file."""
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def _npz_keys(path: Path) -> set[str]:
+    """The member names of an .npz (empty for a folder or anything unreadable: the image loader reports it)."""
     if not path.is_file():
-        return False
+        return set()
     try:
         with np.load(path, allow_pickle=False) as data:
-            keys = set(getattr(data, "files", ()))
+            return set(getattr(data, "files", ()))
     except (OSError, ValueError):
-        return False  # let the image loader report what is wrong with it
-    return {"mu", "sigma"} <= keys and "arr_0" not in keys
+        return set()
 
 
 class _Side:
-    """One input (samples or reference): its images and features, or only its precomputed stats."""
+    """One input (samples or reference): a stream of its images and/or its precomputed statistics.
 
-    def __init__(self, path: str, role: str, features: str) -> None:
+    Precomputed `mu` / `sigma` (and `mu_s` / `sigma_s`) are used unless `use_images` is set and the file also
+    holds images; images, when present, are always read for the per-image metrics (precision / recall, IS)."""
+
+    def __init__(self, path: str, role: str, features: str, use_images: bool) -> None:
         self.path = Path(path)
         self.role = role
-        self.images: ImageSet | None = None
+        keys = _npz_keys(self.path)
+        has_stats = {"mu", "sigma"} <= keys
+        self.stream: ImageStream | None = None if has_stats and "arr_0" not in keys else open_images(self.path)
+        self.stats: FeatureStats | None = None
+        self.spatial: FeatureStats | None = None
+        self.stats_source: str | None = None
         self.features: np.ndarray | None = None
         self.predictions: np.ndarray | None = None
-        if _is_stats_file(self.path):
-            self.stats: FeatureStats | None = FeatureStats.load(self.path)
+        self.score_logits: np.ndarray | None = None
+        if has_stats and not (use_images and self.stream is not None):
+            self.stats = FeatureStats.load(self.path)
             if self.stats.features and self.stats.features != features:
                 raise ValueError(f"{role} stats {self.path} were computed with features '{self.stats.features}', "
                                  f"not '{features}'")
-        else:
-            self.stats = None
-            self.images = load_images(self.path)
+            if {"mu_s", "sigma_s"} <= keys:
+                self.spatial = FeatureStats.load(self.path, suffix="_s")
+            self.stats_source = PRECOMPUTED
 
-    def compute(self, extractor: FeatureExtractor, name: str) -> None:
-        if self.images is None:
+    def compute(self, extractor: FeatureExtractor, name: str, progress: bool) -> None:
+        if self.stream is None:
             return
-        out = extractor.extract(self.images.images)
-        self.features, self.predictions = out.features, out.predictions
+        out = extractor.extract(self.stream, progress=f"{self.role} features" if progress else None)
+        self.features, self.predictions, self.score_logits = out.features, out.predictions, out.score_logits
         if self.features.shape[0] < 2:
             raise ValueError(f"{self.role} {self.path}: need at least 2 images, got {self.features.shape[0]}")
-        self.stats = FeatureStats.from_features(self.features, name=name)
+        if self.stats_source != PRECOMPUTED:
+            self.stats = FeatureStats.from_features(self.features, name=name)
+            self.spatial = out.spatial
+            self.stats_source = FROM_IMAGES
 
     @property
     def count(self) -> int:
-        if self.images is not None:
-            return len(self.images)
+        if self.stream is not None:
+            return len(self.stream)
         assert self.stats is not None
         return self.stats.n
+
+    def describe_stats(self) -> str:
+        if self.stats_source == PRECOMPUTED:
+            spatial = " and mu_s/sigma_s" if self.spatial is not None else ""
+            return f"{self.role} statistics: the precomputed mu/sigma{spatial} stored in {self.path}"
+        return f"{self.role} statistics: computed from the {self.count} images of {self.path}"
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def _distribution_metrics(samples: _Side, reference: _Side, args: argparse.Namespace, notes: list[str]) -> dict:
+    """fd (and fid), sfid, precision / recall of the samples against the reference."""
+    s_stats, r_stats = samples.stats, reference.stats
+    assert s_stats is not None and r_stats is not None
+    if s_stats.mu.shape != r_stats.mu.shape:
+        hint = " (its precomputed mu/sigma; --reference-images computes them from its images)" \
+            if reference.stats_source == PRECOMPUTED and reference.stream is not None else ""
+        raise ValueError(f"feature dimensions differ: samples {samples.path} have {s_stats.mu.shape[0]}, "
+                         f"reference {reference.path} has {r_stats.mu.shape[0]}{hint}")
+    out: dict[str, object] = {"fd": s_stats.frechet_distance(r_stats)}
+    if args.features == "inception":
+        out["fid"] = out["fd"]
+    if samples.spatial is not None and reference.spatial is not None:
+        out["sfid"] = sfid(samples.spatial, reference.spatial)
+    elif args.features == "inception" or samples.spatial is not None or reference.spatial is not None:
+        out["sfid"] = None
+        notes.append("sfid skipped: it needs spatial statistics of both sets (mu_s/sigma_s in a stats file)")
+    if samples.features is not None and reference.features is not None:
+        pr = precision_recall(reference.features, samples.features, k=args.k)
+        out.update(precision=pr.precision, recall=pr.recall, k=args.k)
+    else:
+        out.update(precision=None, recall=None)
+        notes.append("precision/recall skipped: they need features of both sets, and a stats file has none")
+    return out
+
+
+def _print_text(result: dict[str, object], notes: list[str]) -> None:
+    for key, value in result.items():
+        if key == "notes":
+            for note in notes:
+                print(f"note: {note}")
+        elif isinstance(value, float) and math.isfinite(value):
+            print(f"{key}: {value:.6f}")
+        elif value is None:
+            print(f"{key}: skipped")
+        else:
+            print(f"{key}: {value}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,32 +179,38 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --samples and/or --reference")
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
-    samples = _Side(args.samples, "samples", args.features) if args.samples else None
-    reference = _Side(args.reference, "reference", args.features) if args.reference else None
+    if args.is_split_size < 1:
+        raise ValueError(f"--is-split-size must be >= 1, got {args.is_split_size}")
+    samples = _Side(args.samples, "samples", args.features, use_images=True) if args.samples else None
+    reference = _Side(args.reference, "reference", args.features, use_images=args.reference_images) \
+        if args.reference else None
+    if args.reference_images and (reference is None or reference.stream is None):
+        raise ValueError("--reference-images needs --reference to hold images (an .npz with arr_0 or a folder)")
 
     if args.export_adm:
-        if samples is None or samples.images is None:
+        if samples is None or samples.stream is None:
             raise ValueError("--export-adm needs --samples to be images (an .npz with arr_0 or an image folder)")
-        save_adm_npz(args.export_adm, samples.images.images, samples.images.labels)
-    if args.save_reference_stats and (reference is None or reference.images is None):
-        raise ValueError("--save-reference-stats needs --reference to be images")
-    if args.save_sample_stats and (samples is None or samples.images is None):
+        images = load_images(samples.path)
+        save_adm_npz(args.export_adm, images.images, images.labels)
+    if args.save_reference_stats and reference is None:
+        raise ValueError("--save-reference-stats needs --reference")
+    if args.save_sample_stats and (samples is None or samples.stream is None):
         raise ValueError("--save-sample-stats needs --samples to be images")
 
     # Features are needed for metrics (both inputs given) or for writing stats; a bare export needs none.
     sides = [s for s in (samples, reference) if s is not None]
     wanted = len(sides) == 2 or args.save_reference_stats or args.save_sample_stats
-    if wanted and any(s.images is not None for s in sides):
-        options = FeatureOptions(device=args.device, batch_size=args.batch_size,
+    if wanted and any(s.stream is not None for s in sides):
+        options = FeatureOptions(device=args.device or default_device(), batch_size=args.batch_size,
                                  inception_weights=args.inception_weights, encoder=args.encoder,
                                  encoder_image_size=args.encoder_image_size, pixels_size=args.pixels_size)
         extractor = build_feature_extractor(args.features, options)
         for side in sides:
-            side.compute(extractor, args.features)
+            side.compute(extractor, args.features, progress=not args.no_progress)
     if args.save_reference_stats:
-        reference.stats.save(args.save_reference_stats)  # type: ignore[union-attr]
+        reference.stats.save(args.save_reference_stats, spatial=reference.spatial)  # type: ignore[union-attr]
     if args.save_sample_stats:
-        samples.stats.save(args.save_sample_stats)  # type: ignore[union-attr]
+        samples.stats.save(args.save_sample_stats, spatial=samples.spatial)  # type: ignore[union-attr]
 
     result: dict[str, object] = {"features": args.features}
     notes: list[str] = []
@@ -127,21 +219,18 @@ def run(args: argparse.Namespace) -> int:
     if reference is not None:
         result["num_reference"] = reference.count
     if samples is not None and reference is not None:
-        s_stats, r_stats = samples.stats, reference.stats
-        assert s_stats is not None and r_stats is not None
-        if s_stats.mu.shape != r_stats.mu.shape:
-            raise ValueError(f"feature dimensions differ: samples {samples.path} have {s_stats.mu.shape[0]}, "
-                             f"reference {reference.path} has {r_stats.mu.shape[0]}")
-        result["fd"] = s_stats.frechet_distance(r_stats)
-        if samples.features is not None and reference.features is not None:
-            pr = precision_recall(reference.features, samples.features, k=args.k)
-            result.update(precision=pr.precision, recall=pr.recall, k=args.k)
-        else:
-            result.update(precision=None, recall=None)
-            notes.append("precision/recall skipped: they need features of both sets, and a stats file has none")
-    if samples is not None and samples.predictions is not None and samples.images is not None \
-            and samples.images.labels is not None:
-        result["class_accuracy"] = class_accuracy(samples.predictions, samples.images.labels)
+        result["reference_stats"] = reference.stats_source
+        notes.append(reference.describe_stats())
+        result.update(_distribution_metrics(samples, reference, args, notes))
+    if samples is not None and samples.score_logits is not None:
+        result["inception_score"] = inception_score(samples.score_logits, split_size=args.is_split_size)
+        result["inception_score_split_size"] = args.is_split_size
+    elif samples is not None and reference is not None and args.features == "inception":
+        result["inception_score"] = None
+        notes.append("inception_score skipped: it needs the sample images, and a stats file has none")
+    labels = samples.stream.labels if samples is not None and samples.stream is not None else None
+    if samples is not None and samples.predictions is not None and labels is not None:
+        result["class_accuracy"] = class_accuracy(samples.predictions, labels)
     if args.export_adm:
         result["exported_adm"] = str(args.export_adm)
     if notes:
@@ -150,14 +239,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        for key, value in result.items():
-            if key == "notes":
-                for note in notes:
-                    print(f"note: {note}")
-            elif isinstance(value, float) and math.isfinite(value):
-                print(f"{key}: {value:.6f}")
-            elif value is None:
-                print(f"{key}: skipped")
-            else:
-                print(f"{key}: {value}")
+        _print_text(result, notes)
     return 0

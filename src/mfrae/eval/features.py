@@ -2,7 +2,8 @@
 
 Built-in names:
 * `inception`: the FID Inception-v3 pool features (2048-d); needs the weights file (`inception_weights`
-  option or `$MFRAE_FID_INCEPTION`). FD on these features is FID.
+  option or `$MFRAE_FID_INCEPTION`). FD on these features is FID. The same pass gives the Inception Score
+  logits (`score_logits`) and the sFID features (`mixed_6/conv[..., :7]`, 2023-d, kept as running stats).
 * `encoder`: a frozen representation encoder; FD on its features is the FD-DINOv2-style metric. Either pass
   an in-memory module (`FeatureOptions.module`) or a local Hugging Face model folder (`FeatureOptions.encoder`,
   e.g. DINOv2); images are resized (bicubic, antialiased) to `encoder_image_size` and normalized with the
@@ -12,13 +13,15 @@ Built-in names:
   in [0, 1]. Cheap and exact; meant for tests and tiny data.
 
 Other code adds extractors with `register_feature_extractor(name, factory)`, where `factory(options)` returns
-a `FeatureExtractor`. An extractor may also return class logits (for class accuracy).
+a `FeatureExtractor`. Its forward returns the features [B, F]; or (features, class logits [B, K]) to give
+class predictions (class accuracy); or a dict with `features` and any of `logits` (class logits),
+`score_logits` (Inception Score logits) and `spatial` (sFID features).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,15 +30,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from mfrae.eval.samples import check_uint8_nhwc, from_uint8_nhwc
+from mfrae.eval.metrics import FeatureStats, RunningStats
+from mfrae.eval.samples import ImageStream, from_uint8_nhwc
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# A forward maps float images [B, 3, H, W] in [0, 1] (already on the device) to features [B, F], or to
-# (features [B, F], class logits [B, K]) when the extractor can also classify.
-ForwardFn = Callable[[Tensor], Tensor | tuple[Tensor, Tensor]]
+# A forward maps float images [B, 3, H, W] in [0, 1] (already on the device) to features [B, F], to
+# (features [B, F], class logits [B, K]) when the extractor can also classify, or to a dict (module docstring).
+ForwardFn = Callable[[Tensor], Tensor | tuple[Tensor, Tensor] | Mapping[str, Tensor]]
+_OUTPUT_KEYS = ("features", "logits", "score_logits", "spatial")
+
+
+def default_device() -> str:
+    """"cuda" when a GPU is available, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass
@@ -54,11 +65,34 @@ class FeatureOptions:
 
 class Extracted(NamedTuple):
     features: np.ndarray  # float64 [N, F]
-    predictions: np.ndarray | None  # int64 [N] argmax of the logits, when the extractor classifies
+    predictions: np.ndarray | None  # int64 [N] argmax of the class logits, when the extractor classifies
+    score_logits: np.ndarray | None = None  # float32 [N, K] Inception Score logits, when the extractor has them
+    spatial: FeatureStats | None = None  # mean / covariance of the sFID features, when the extractor has them
+
+
+def _unpack(name: str, out: Tensor | tuple[Tensor, Tensor] | Mapping[str, Tensor], batch: int) -> dict[str, Tensor]:
+    """A forward's output as {key: tensor [B, ...]} over `_OUTPUT_KEYS`, shapes checked."""
+    if isinstance(out, Tensor):
+        parts = {"features": out}
+    elif isinstance(out, tuple):
+        parts = dict(zip(("features", "logits"), out, strict=True))
+    elif isinstance(out, Mapping):
+        parts = {key: value for key, value in out.items() if value is not None}
+        unknown = set(parts) - set(_OUTPUT_KEYS)
+        if "features" not in parts or unknown:
+            raise ValueError(f"feature extractor '{name}' returned keys {sorted(out)}; expected 'features' and "
+                             f"any of {', '.join(_OUTPUT_KEYS[1:])}")
+    else:
+        raise ValueError(f"feature extractor '{name}' returned {type(out).__name__}, expected a tensor")
+    for key, value in parts.items():
+        if value.ndim != 2 or value.shape[0] != batch:
+            raise ValueError(f"feature extractor '{name}' returned {key} of shape {tuple(value.shape)}, "
+                             f"expected [{batch}, F]")
+    return parts
 
 
 class FeatureExtractor:
-    """Runs `forward` over a uint8 NHWC array in batches under `torch.inference_mode`."""
+    """Runs `forward` over uint8 NHWC images in batches under `torch.inference_mode`."""
 
     def __init__(self, name: str, forward: ForwardFn, device: str | torch.device = "cpu", batch_size: int = 64) -> None:
         if batch_size < 1:
@@ -68,26 +102,29 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.batch_size = batch_size
 
-    def extract(self, images: np.ndarray) -> Extracted:
-        """Features (and class predictions, if any) of uint8 images [N, H, W, 3]."""
-        images = check_uint8_nhwc(images, f"features '{self.name}'")
-        feats: list[np.ndarray] = []
-        preds: list[np.ndarray] = []
-        with torch.inference_mode():
-            for start in range(0, images.shape[0], self.batch_size):
-                batch = from_uint8_nhwc(images[start:start + self.batch_size], self.device)
-                out = self.forward(batch)
-                logits = None
-                if isinstance(out, tuple):
-                    out, logits = out
-                if out.ndim != 2 or out.shape[0] != batch.shape[0]:
-                    raise ValueError(f"feature extractor '{self.name}' returned shape {tuple(out.shape)}, "
-                                     f"expected [{batch.shape[0]}, F]")
-                feats.append(out.double().cpu().numpy())
-                if logits is not None:
-                    preds.append(logits.argmax(dim=1).cpu().numpy().astype(np.int64))
-        predictions = np.concatenate(preds) if preds else None
-        return Extracted(features=np.concatenate(feats), predictions=predictions)
+    def extract(self, images: np.ndarray | ImageStream, progress: str | None = None) -> Extracted:
+        """Features (and class predictions, IS logits, sFID stats where the extractor has them) of uint8 images
+        [N, H, W, 3] or of a stream read batch by batch; `progress` labels a tqdm bar (None: no bar)."""
+        stream = images if isinstance(images, ImageStream) else ImageStream.from_images(
+            images, source=f"features '{self.name}'")
+        collected: dict[str, list[np.ndarray]] = {"features": [], "predictions": [], "score_logits": []}
+        spatial = RunningStats()
+        with torch.inference_mode(), tqdm(total=stream.count, desc=progress, unit="img", disable=progress is None,
+                                          dynamic_ncols=True) as bar:
+            for batch in stream.batches(self.batch_size):
+                parts = _unpack(self.name, self.forward(from_uint8_nhwc(batch, self.device)), batch.shape[0])
+                collected["features"].append(parts["features"].double().cpu().numpy())
+                if "logits" in parts:
+                    collected["predictions"].append(parts["logits"].argmax(dim=1).cpu().numpy().astype(np.int64))
+                if "score_logits" in parts:
+                    collected["score_logits"].append(parts["score_logits"].float().cpu().numpy())
+                if "spatial" in parts:
+                    spatial.update(parts["spatial"].double().cpu().numpy())
+                bar.update(batch.shape[0])
+        predictions, score_logits = (np.concatenate(collected[k]) if collected[k] else None
+                                     for k in ("predictions", "score_logits"))
+        return Extracted(features=np.concatenate(collected["features"]), predictions=predictions,
+                         score_logits=score_logits, spatial=spatial.stats(self.name) if spatial.n >= 2 else None)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.extract(images).features
@@ -145,7 +182,12 @@ def _inception_factory(options: FeatureOptions) -> FeatureExtractor:
     from mfrae.eval.inception import load_fid_inception
 
     model = load_fid_inception(options.inception_weights, device=options.device)
-    return FeatureExtractor("inception", model, device=options.device, batch_size=options.batch_size)
+
+    def forward(x: Tensor) -> dict[str, Tensor]:
+        out = model.forward_all(x)
+        return {"features": out.pool, "score_logits": out.logits, "spatial": out.spatial}
+
+    return FeatureExtractor("inception", forward, device=options.device, batch_size=options.batch_size)
 
 
 def pool_encoder_output(out: Any) -> Tensor:

@@ -13,6 +13,14 @@ no auxiliary head, and patched four block types so that the port matches the TF 
 resizes them to 299x299 (bilinear, `align_corners=False`), maps them to [-1, 1] and returns the
 adaptive-average-pooled 2048-d features. Every `BasicConv2d` is conv (no bias) -> BatchNorm(eps=0.001) -> ReLU.
 
+For the ADM evaluator's protocol (`forward_all`) the same pass also gives:
+
+* the sFID features: the first 7 channels of the TF graph's `mixed_6/conv` (= `Mixed_6d.branch1x1` here; the
+  TF blocks `mixed, mixed_1, ..., mixed_10` are `Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, 6e, 7a, 7b, 7c`), a 17x17
+  map flattened in TF's NHWC order: 17 * 17 * 7 = 2023 features;
+* the Inception Score logits: pool features times the 1008-way `softmax/weights` *without* the bias, as the
+  ADM evaluator takes them (it imports `softmax/logits/MatMul` and multiplies by that op's weight input).
+
 The weights cannot be downloaded at run time; `load_fid_inception(path)` reads them from a local file
 (argument, or the environment variable `MFRAE_FID_INCEPTION`).
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +41,9 @@ FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fi
 FID_INPUT_SIZE = 299
 FID_FEATURE_DIM = 2048
 FID_NUM_CLASSES = 1008  # the TF graph's softmax has 1008 outputs (1000 classes + 8 unused)
+SFID_CHANNELS = 7  # the ADM evaluator keeps mixed_6/conv[..., :7]
+SFID_GRID = 17  # mixed_6/conv is a 17x17 map at the 299x299 input
+SFID_FEATURE_DIM = SFID_GRID * SFID_GRID * SFID_CHANNELS  # 2023
 
 _Size = int | tuple[int, int]
 
@@ -222,21 +234,44 @@ class FIDInceptionV3(nn.Module):
             x = 2.0 * x - 1.0
         return x
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Images [B, 3, H, W] in [0, 1] -> pool features [B, 2048]."""
-        x = self.preprocess(x)
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+    def _stem(self, x: Tensor) -> Tensor:
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(self.preprocess(x))))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        return F.max_pool2d(x, kernel_size=3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> pool features [B, 2048]."""
+        return self.forward_all(x, spatial=False).pool
+
+    def forward_all(self, x: Tensor, spatial: bool = True) -> InceptionOutputs:
+        """Images [B, 3, H, W] in [0, 1] -> pool features [B, 2048], IS logits [B, 1008] (bias-free, as in the
+        ADM evaluator) and, if `spatial`, the sFID features [B, 2023] (`mixed_6/conv[..., :7]`, NHWC order)."""
+        x = self._stem(x)
+        sfid = None
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c):
             x = block(x)
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        if spatial:
+            sfid = self.Mixed_6d.branch1x1(x)[:, :SFID_CHANNELS].permute(0, 2, 3, 1).flatten(1)
+        for block in (self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)
+        pool = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return InceptionOutputs(pool=pool, logits=self.score_logits(pool), spatial=sfid)
 
     def logits(self, features: Tensor) -> Tensor:
-        """Pool features [B, 2048] -> 1008-way logits of the TF graph (e.g. for an Inception Score)."""
+        """Pool features [B, 2048] -> 1008-way logits of the TF graph, bias included (`softmax/biases`)."""
         return self.fc(features)
+
+    def score_logits(self, features: Tensor) -> Tensor:
+        """Pool features [B, 2048] -> the logits the ADM evaluator's Inception Score uses: `features @ W^T`,
+        no bias (its softmax graph is `pool_3 @ softmax/weights`)."""
+        return features @ self.fc.weight.t()
+
+
+class InceptionOutputs(NamedTuple):
+    pool: Tensor  # [B, 2048], the FID features (`pool_3`)
+    logits: Tensor  # [B, 1008], bias-free logits for the Inception Score
+    spatial: Tensor | None  # [B, 2023], the sFID features (`mixed_6/conv[..., :7]`, flattened H, W, C)
 
 
 def resolve_fid_weights(path: str | os.PathLike[str] | None = None) -> Path:

@@ -1,5 +1,12 @@
-"""Distribution metrics on feature vectors: Fréchet distance, k-NN precision / recall, class accuracy.
+"""Distribution metrics on feature vectors, one named function per metric:
 
+* `frechet_distance` — FID when the features are the Inception pool features (Heusel et al., arXiv 1706.08500);
+* `sfid` — the same distance on the Inception spatial features (Nash et al., arXiv 2103.03841);
+* `inception_score` — from class logits, with the ADM evaluator's splits (Salimans et al., arXiv 1606.03498);
+* `precision_recall` — k-NN manifold precision / recall (Kynkäänniemi et al., arXiv 1904.06991);
+* `class_accuracy`.
+
+`FeatureStats` (mean, covariance) is built from a feature matrix or streamed batch by batch (`RunningStats`).
 All functions take numpy arrays (any float dtype; computed in float64) and return Python floats.
 """
 
@@ -13,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
+import scipy.special
 
 # Diagonal offset added to both covariances when sqrtm(S1 S2) fails on a (near-)singular product.
 SQRTM_EPS = 1e-6
@@ -43,9 +51,12 @@ def _sqrtm(a: np.ndarray) -> tuple[np.ndarray, float]:
     return root, float(np.linalg.norm(root @ root - a)) / scale
 
 
+# ---------------------------------------------------------------------------------- Fréchet distance
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
                      eps: float = SQRTM_EPS) -> float:
-    """Fréchet (2-Wasserstein) distance between N(mu1, S1) and N(mu2, S2):
+    """Fréchet (2-Wasserstein) distance between N(mu1, S1) and N(mu2, S2) (FID: Heusel et al., arXiv 1706.08500):
 
         FD = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})
 
@@ -107,17 +118,22 @@ class FeatureStats:
         """FD between the Gaussians fitted to `self` and `other`."""
         return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the stats to `path` (.npz; written to exactly this path even without the suffix)."""
+    def save(self, path: str | os.PathLike[str], spatial: FeatureStats | None = None) -> Path:
+        """Write the stats to `path` (.npz; written to exactly this path even without the suffix). `spatial`
+        stats go under the ADM evaluator's sFID keys `mu_s` / `sigma_s`."""
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"mu": self.mu, "sigma": self.sigma, "n": np.int64(self.n), "features": np.str_(self.features)}
+        if spatial is not None:
+            arrays.update(mu_s=spatial.mu, sigma_s=spatial.sigma)
         with open(out, "wb") as fh:  # a file handle keeps numpy from appending ".npz"
-            np.savez(fh, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), features=np.str_(self.features))
+            np.savez(fh, **arrays)
         return out
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> FeatureStats:
-        """Read stats written by `save` (or any .npz with `mu` and `sigma`; `n` and `features` optional)."""
+    def load(cls, path: str | os.PathLike[str], suffix: str = "") -> FeatureStats:
+        """Read stats written by `save` (or any .npz with `mu` and `sigma`; `n` and `features` optional).
+        `suffix="_s"` reads the sFID statistics `mu_s` / `sigma_s` of an ADM reference batch instead."""
         src = Path(path)
         if not src.is_file():
             raise FileNotFoundError(f"feature stats file not found: {src}")
@@ -126,14 +142,15 @@ class FeatureStats:
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read feature stats {src} as .npz: {err}") from err
         with data:
-            missing = [key for key in ("mu", "sigma") if key not in data.files]
+            mu_key, sigma_key = f"mu{suffix}", f"sigma{suffix}"
+            missing = [key for key in (mu_key, sigma_key) if key not in data.files]
             if missing:
                 raise ValueError(f"feature stats {src} lacks key(s) {missing} (has {sorted(data.files)})")
-            mu, sigma = data["mu"], data["sigma"]
+            mu, sigma = data[mu_key], data[sigma_key]
             n = int(data["n"]) if "n" in data.files else 0
             name = str(data["features"]) if "features" in data.files else ""
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"feature stats {src}: 'mu' has shape {mu.shape} and 'sigma' {sigma.shape}; "
+            raise ValueError(f"feature stats {src}: '{mu_key}' has shape {mu.shape} and '{sigma_key}' {sigma.shape}; "
                              f"expected (D,) and (D, D)")
         if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
             raise ValueError(f"feature stats {src}: 'mu'/'sigma' must be floating point, "
@@ -141,6 +158,78 @@ class FeatureStats:
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
             raise ValueError(f"feature stats {src}: 'mu' or 'sigma' contains NaN or infinite values")
         return cls(mu=mu.astype(np.float64), sigma=sigma.astype(np.float64), n=n, features=name)
+
+
+class RunningStats:
+    """Mean and unbiased covariance accumulated batch by batch, so that a feature set need not be held.
+
+    Sums are taken in float64 around a shift (the first batch's mean), which keeps the one-pass covariance
+    (S_xx - s s^T / n) / (n - 1) accurate when the mean is large against the spread."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._shift: np.ndarray | None = None
+        self._sum: np.ndarray | None = None
+        self._outer: np.ndarray | None = None
+
+    def update(self, features: np.ndarray) -> None:
+        feats = _as_float64("features", features, 2)
+        if self._shift is None:
+            self._shift = feats.mean(axis=0)
+            self._sum = np.zeros_like(self._shift)
+            self._outer = np.zeros((feats.shape[1], feats.shape[1]))
+        elif feats.shape[1] != self._shift.shape[0]:
+            raise ValueError(f"feature dimension changed from {self._shift.shape[0]} to {feats.shape[1]}")
+        centred = feats - self._shift
+        self._sum += centred.sum(axis=0)
+        self._outer += centred.T @ centred
+        self.n += feats.shape[0]
+
+    def stats(self, name: str = "") -> FeatureStats:
+        if self.n < 2 or self._shift is None or self._sum is None or self._outer is None:
+            raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.n}")
+        mean = self._sum / self.n
+        sigma = (self._outer - self.n * np.outer(mean, mean)) / (self.n - 1)
+        return FeatureStats(mu=self._shift + mean, sigma=sigma, n=self.n, features=name)
+
+
+def sfid(samples: FeatureStats, reference: FeatureStats) -> float:
+    """sFID (Nash et al., arXiv 2103.03841): the Fréchet distance between Gaussians fitted to *spatial*
+    Inception features — in the ADM evaluator, the first 7 channels of `mixed_6/conv` (17 x 17 x 7 = 2023-d) —
+    which keep where things are in the image, where the pooled FID features do not."""
+    return frechet_distance(samples.mu, samples.sigma, reference.mu, reference.sigma)
+
+
+# ----------------------------------------------------------------------------------- Inception Score
+
+# The ADM evaluator scores consecutive splits of this many samples (the last one may be shorter).
+IS_SPLIT_SIZE = 5000
+
+
+def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
+    """Inception Score (Salimans et al., arXiv 1606.03498) of class logits [N, K], ADM evaluator convention:
+
+        IS = mean over splits of exp( mean_i KL( p(y | x_i) || p(y) ) ),  p(y) = mean_i p(y | x_i) in the split,
+
+    with p = softmax(logits) and consecutive splits of `split_size` samples (the last, shorter split counts as
+    one). Computed with log-softmax in float64, so a probability that underflows contributes exactly 0.
+    """
+    z = _as_float64("logits", logits, 2)
+    if z.shape[0] == 0:
+        raise ValueError("inception_score needs at least one sample")
+    if split_size < 1:
+        raise ValueError(f"split_size must be >= 1, got {split_size}")
+    log_p = z - scipy.special.logsumexp(z, axis=1, keepdims=True)
+    scores = []
+    for start in range(0, z.shape[0], split_size):
+        part = log_p[start:start + split_size]
+        log_marginal = scipy.special.logsumexp(part, axis=0) - np.log(part.shape[0])
+        kl = np.sum(np.exp(part) * (part - log_marginal[None, :]), axis=1)
+        scores.append(float(np.exp(np.mean(kl))))
+    return float(np.mean(scores))
+
+
+# -------------------------------------------------------------------------------- precision / recall
 
 
 class PrecisionRecall(NamedTuple):
@@ -189,7 +278,7 @@ def manifold_coverage(manifold: np.ndarray, radii: np.ndarray, queries: np.ndarr
 
 
 def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3) -> PrecisionRecall:
-    """Improved precision and recall (Kynkäänniemi et al., 2019).
+    """Improved precision and recall (Kynkäänniemi et al., arXiv 1904.06991).
 
     Each set's manifold is the union of balls around its points with radius = distance to the k-th nearest
     neighbour within the set. precision = fraction of fake points inside the real manifold; recall = fraction
@@ -202,6 +291,9 @@ def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: in
     precision = manifold_coverage(real, knn_radii(real, k), fake)
     recall = manifold_coverage(fake, knn_radii(fake, k), real)
     return PrecisionRecall(precision=precision, recall=recall)
+
+
+# ------------------------------------------------------------------------------------ class accuracy
 
 
 def class_accuracy(pred_labels: np.ndarray, labels: np.ndarray) -> float:

@@ -11,13 +11,22 @@ Sources accepted by `load_images`:
   Labels come from `labels.npy` (integer array [N]) or `labels.txt` (one integer per line), in that same
   sorted order; having both is an error.
 
+`open_images` gives the same sources as an `ImageStream` read batch by batch, so that 50,000 images never
+need to be in memory at once: an .npz member cannot be memory-mapped (it sits inside a zip archive, possibly
+compressed), so `arr_0` is read in pieces through `zipfile` after parsing its .npy header (format 1.0 / 2.0;
+other header versions, Fortran order or object arrays fall back to loading the whole member); a folder is read
+file by file.
+
 Float -> uint8 conversion (`to_uint8_nhwc`) follows the official sampling scripts: clamp to [0, 1], multiply
 by 255 and *truncate* (`.to(torch.uint8)`), not round; reported FIDs were computed on images made this way.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,24 +76,6 @@ def _check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _load_npz(path: Path) -> ImageSet:
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read {path} as .npz: {err}") from err
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path} is a single .npy array, not an .npz with key 'arr_0'")
-    with data:
-        if "arr_0" not in data.files:
-            raise ValueError(f"{path} has no key 'arr_0' (uint8 NHWC images); keys: {sorted(data.files)}")
-        images = check_uint8_nhwc(data["arr_0"], f"{path} key 'arr_0'")
-        label_key = next((key for key in LABEL_KEYS if key in data.files), None)
-        labels = None
-        if label_key is not None:
-            labels = _check_labels(data[label_key], images.shape[0], f"{path} key '{label_key}'")
-    return ImageSet(images=images, labels=labels, source=str(path))
-
-
 def _read_dir_labels(directory: Path, n: int) -> np.ndarray | None:
     npy, txt = directory / "labels.npy", directory / "labels.txt"
     if npy.is_file() and txt.is_file():
@@ -105,32 +96,162 @@ def _read_dir_labels(directory: Path, n: int) -> np.ndarray | None:
     return None
 
 
-def _load_dir(directory: Path) -> ImageSet:
+def _image_files(directory: Path) -> list[Path]:
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"{directory} contains no {'/'.join(IMAGE_SUFFIXES)} images")
+    return files
+
+
+def _read_image_files(files: list[Path], first: Path) -> np.ndarray:
+    """uint8 [len(files), H, W, 3]; every image must have the size of `first`'s (read once for the check)."""
     arrays = []
+    expected: tuple[int, ...] | None = None
     for file in files:
         try:
             with Image.open(file) as img:
                 arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
         except OSError as err:
             raise ValueError(f"cannot read image {file}: {err}") from err
-        if arrays and arr.shape != arrays[0].shape:
-            raise ValueError(f"image {file} has size {arr.shape[:2]}, but {files[0].name} has {arrays[0].shape[:2]}")
+        if expected is None:
+            with Image.open(first) as img:
+                expected = (img.height, img.width, 3)
+        if arr.shape != expected:
+            raise ValueError(f"image {file} has size {arr.shape[:2]}, but {first.name} has {expected[:2]}")
         arrays.append(arr)
-    images = np.stack(arrays)
-    return ImageSet(images=images, labels=_read_dir_labels(directory, len(files)), source=str(directory))
+    return np.stack(arrays)
+
+
+# -------------------------------------------------------------------------------- streaming image sets
+
+
+@dataclass(frozen=True)
+class ImageStream:
+    """An image set read in batches: `count` images, optional int64 labels [count], and `batches(b)` yielding
+    uint8 [<= b, H, W, 3] arrays in order (grayscale expanded to RGB)."""
+
+    source: str
+    count: int
+    labels: np.ndarray | None
+    read_batches: Callable[[int], Iterator[np.ndarray]]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for batch in self.read_batches(batch_size):
+            yield check_uint8_nhwc(batch, self.source)
+
+    @classmethod
+    def from_images(cls, images: np.ndarray, labels: np.ndarray | None = None, source: str = "array") -> ImageStream:
+        """An in-memory uint8 NHWC array as a stream."""
+        images = check_uint8_nhwc(images, source)
+        if labels is not None:
+            labels = _check_labels(labels, images.shape[0], source)
+
+        def read(batch_size: int) -> Iterator[np.ndarray]:
+            for start in range(0, images.shape[0], batch_size):
+                yield images[start:start + batch_size]
+
+        return cls(source=source, count=int(images.shape[0]), labels=labels, read_batches=read)
+
+
+def _npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype] | None:  # noqa: ANN001 (a zip member file)
+    """(shape, fortran_order, dtype) of the .npy stream `fh` (positioned at its start), or None for a header
+    version that numpy's public readers do not parse (then the caller loads the member whole)."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fh)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(fh)
+    return None
+
+
+def _npz_member_batches(path: Path, key: str, batch_size: int) -> Iterator[np.ndarray]:
+    """Rows of the .npz member `key`, `batch_size` at a time, read from the zip stream without loading it."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as fh:
+        header = _npy_header(fh)
+        if header is None or header[1] or header[2].hasobject:
+            with np.load(path, allow_pickle=False) as data:
+                whole = data[key]
+            for start in range(0, whole.shape[0], batch_size):
+                yield whole[start:start + batch_size]
+            return
+        shape, _, dtype = header
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        for start in range(0, shape[0], batch_size):
+            rows = min(batch_size, shape[0] - start)
+            buffer = fh.read(rows * row_bytes)
+            if len(buffer) != rows * row_bytes:
+                raise ValueError(f"{path} key '{key}': file ends after {start} of {shape[0]} images")
+            yield np.frombuffer(bytearray(buffer), dtype=dtype).reshape(rows, *shape[1:])  # writable for torch
+
+
+def _npz_member_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as fh:
+        header = _npy_header(fh)
+    if header is None:
+        with np.load(path, allow_pickle=False) as data:
+            arr = data[key]
+        return arr.shape, arr.dtype
+    return header[0], header[2]
+
+
+def _open_npz(path: Path) -> ImageStream:
+    try:
+        data = np.load(path, allow_pickle=False)  # an NpzFile reads the zip directory only
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path} as .npz: {err}") from err
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a single .npy array, not an .npz with key 'arr_0'")
+    with data:
+        keys = list(data.files)
+        label_key = next((key for key in LABEL_KEYS if key in keys), None)
+        raw_labels = data[label_key] if label_key is not None else None
+    if "arr_0" not in keys:
+        raise ValueError(f"{path} has no key 'arr_0' (uint8 NHWC images); keys: {sorted(keys)}")
+    where = f"{path} key 'arr_0'"
+    shape, dtype = _npz_member_header(path, "arr_0")
+    if dtype != np.uint8:
+        raise ValueError(f"{where}: images must be uint8 (0..255), got dtype {dtype}")
+    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3)):
+        raise ValueError(f"{where}: images must be NHWC with 1 or 3 channels, got shape {tuple(shape)}")
+    if shape[0] == 0:
+        raise ValueError(f"{where}: no images")
+    labels = None if raw_labels is None else _check_labels(raw_labels, shape[0], f"{path} key '{label_key}'")
+    return ImageStream(source=str(path), count=int(shape[0]), labels=labels,
+                       read_batches=lambda batch_size: _npz_member_batches(path, "arr_0", batch_size))
+
+
+def _open_dir(directory: Path) -> ImageStream:
+    files = _image_files(directory)
+
+    def read(batch_size: int) -> Iterator[np.ndarray]:
+        for start in range(0, len(files), batch_size):
+            yield _read_image_files(files[start:start + batch_size], files[0])
+
+    return ImageStream(source=str(directory), count=len(files), labels=_read_dir_labels(directory, len(files)),
+                       read_batches=read)
+
+
+def open_images(path: str | os.PathLike[str]) -> ImageStream:
+    """The images of an ADM-style .npz or a PNG/JPEG folder (as `load_images` reads them), as a stream."""
+    src = Path(path)
+    if src.is_dir():
+        return _open_dir(src)
+    if not src.is_file():
+        raise FileNotFoundError(f"image set not found: {src}")
+    return _open_npz(src)
 
 
 def load_images(path: str | os.PathLike[str]) -> ImageSet:
-    """Images (uint8 [N, H, W, 3]) and optional labels from an ADM-style .npz or a folder of PNG/JPEG files."""
-    src = Path(path)
-    if src.is_dir():
-        return _load_dir(src)
-    if not src.is_file():
-        raise FileNotFoundError(f"image set not found: {src}")
-    return _load_npz(src)
+    """Images (uint8 [N, H, W, 3]) and optional labels from an ADM-style .npz or a folder of PNG/JPEG files,
+    all in memory (`open_images` reads them batch by batch instead)."""
+    stream = open_images(path)
+    images = np.concatenate(list(stream.batches(stream.count)))
+    return ImageSet(images=images, labels=stream.labels, source=stream.source)
 
 
 def save_adm_npz(path: str | os.PathLike[str], images: np.ndarray, labels: np.ndarray | None = None) -> Path:

@@ -81,6 +81,27 @@ class LoopConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Quality measured during training: FD of `num_samples` EMA samples against `reference`, every `every` steps.
+
+    Sampling goes through `mfrae.sample` (class-balanced labels, noise fixed per sample index, so every
+    evaluation of a run sees the same noise) and scoring through `mfrae.eval` (the named feature extractor).
+    MeanFlow stages sample with each entry of `steps` jumps (logged as `eval/fd_{n}step`), the teacher with
+    each entry as its ODE network evaluations (`eval/fd_{n}nfe`).
+    """
+
+    every: int = 0  # 0: off; else a multiple of train.log_every (results join that step's log record)
+    num_samples: int = 1000
+    steps: list[int] = field(default_factory=lambda: [1, 2])
+    teacher_steps: list[int] = field(default_factory=lambda: [32])
+    features: str = "inception"  # a registered feature extractor (mfrae.eval.features)
+    feature_options: dict = field(default_factory=dict)  # FeatureOptions fields (inception_weights, extra, ...)
+    reference: str | None = None  # reference images (.npz / folder) or feature statistics (.npz with mu, sigma)
+    batch_size: int = 250
+    seed: int = 0
+
+
+@dataclass
 class TrainConfig:
     stage: Stage
     data: DataConfig = field(default_factory=DataConfig)
@@ -90,6 +111,7 @@ class TrainConfig:
     objective: dict = field(default_factory=dict)  # options of the stage's objective
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def pipeline(self) -> PipelineConfig:
@@ -109,6 +131,12 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {loop.ema_decay}")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        if self.eval.every < 0 or (self.eval.every and self.eval.every % loop.log_every):
+            raise ConfigError(f"eval.every must be 0 or a multiple of train.log_every={loop.log_every}, got {self.eval.every}")
+        if self.eval.every and not self.eval.reference:
+            raise ConfigError("eval.every > 0 needs eval.reference (reference images or feature statistics)")
+        if self.eval.num_samples < 2 or self.eval.batch_size < 1 or not all(n >= 1 for n in [*self.eval.steps, *self.eval.teacher_steps]):
+            raise ConfigError("eval.num_samples must be >= 2, eval.batch_size >= 1 and every entry of eval.steps / teacher_steps >= 1")
         if self.optim.grad_clip < 0:
             raise ConfigError(f"optim.grad_clip must be >= 0, got {self.optim.grad_clip}")
 

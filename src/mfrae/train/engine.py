@@ -69,15 +69,16 @@ def _set_rng_state(state: dict, info: DistInfo) -> None:
 
 def train(
     cfg: TrainConfig,
-    build: Callable[[torch.device], StageParts],
+    build: Callable[[DistInfo], StageParts],
     out: str | Path,
     resume: bool = False,
     command: list[str] | None = None,
 ) -> Path | None:
     """Run (or continue) one stage into run directory `out`; returns the last checkpoint folder.
 
-    `build(device)` makes the stage's parts; it is called after the process group is up and the RNG is
-    seeded, so everything it initialises at random is reproducible per run and rank.
+    `build(info)` makes the stage's parts for this process (`info`: device, rank, world size); it is called
+    after the process group is up and the RNG is seeded, so everything it initialises at random is
+    reproducible per run and rank.
     """
     info = init_distributed()
     try:
@@ -128,7 +129,7 @@ class _PlayerState:
 
 
 class _Trainer:
-    def __init__(self, cfg: TrainConfig, run: RunDir, info: DistInfo, build: Callable[[torch.device], StageParts]):
+    def __init__(self, cfg: TrainConfig, run: RunDir, info: DistInfo, build: Callable[[DistInfo], StageParts]):
         self.cfg, self.run, self.info = cfg, run, info
         loop = cfg.train
         per_step = loop.micro_batch or loop.global_batch // info.world_size
@@ -139,7 +140,7 @@ class _Trainer:
             )
         self.micro_batch, self.accum = per_step, accum
         torch.manual_seed(loop.seed * 1000 + info.rank)  # distinct noise per rank, reproducible per run
-        self.parts = build(info.device)
+        self.parts = build(info)
         self.net = self.parts.net.to(info.device)
         self.ema = EMA(self.net)
         self.params = [p for p in self.net.parameters() if p.requires_grad]
@@ -312,6 +313,8 @@ class _Trainer:
                         "samples_per_sec": window_steps * loop.global_batch / elapsed if elapsed > 0 else 0.0,
                         "epoch": self.loader.epoch, **self._scalars(extra_logs),
                     }
+                    if self.parts.evaluate is not None and (self.step % cfg.eval.every == 0 or self.step == loop.steps):
+                        record.update(self.parts.evaluate(self.ema.model, self.step))
                     if self.parts.log_stats is not None:
                         record.update(self._scalars({k: all_mean(v.float(), info) for k, v in self.parts.log_stats().items()}))
                     bad_files = sum(len(b) for b in gather_objects(dict(self.loader.bad_files), info))

@@ -15,6 +15,8 @@ the engine has to discover:
     objective_config  the objective's options as resolved by the builder (defaults, time shift, horizon),
                  recorded in the run directory's config.yaml; builders never write into the config they read
     log_stats    optional: extra scalars of the last objective call (e.g. the decoder's L1 / perceptual terms)
+    evaluate     optional: evaluate(ema_net, step) -> {name: value}, called on every process at the steps
+                 `eval.every` names; the values join that step's record in metrics.jsonl
 """
 
 from __future__ import annotations
@@ -79,3 +81,4 @@ class StageParts:
     players: list[Player] = field(default_factory=list)
     objective_config: dict = field(default_factory=dict)
     log_stats: Callable[[], dict[str, Tensor]] | None = None
+    evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from mfrae.checkpoint import load_dit_dh, load_vit_decoder
 from mfrae.config import build_from_options, check_options, from_dict, option_defaults, read_preset, to_dict
+from mfrae.distributed import DistInfo
 from mfrae.errors import ConfigError
 from mfrae.flow.objectives import CMTLoss, FlowMatchingLoss, MeanFlowLoss
 from mfrae.flow.paths import dimension_shift
@@ -37,6 +38,7 @@ from mfrae.pipeline import build_data, build_rae, build_rae_encoder, check_pipel
 from mfrae.train import engine
 from mfrae.train.config import TrainConfig, load_train_config
 from mfrae.train.decoder_parts import DecoderObjectiveOptions, build_decoder_objective
+from mfrae.train.evaluation import meanflow_evaluator, teacher_evaluator
 from mfrae.train.optim import learning_rate
 from mfrae.train.parts import StageParts
 from mfrae.train.runs import resolve_weights
@@ -49,7 +51,7 @@ BUILDER_SUPPLIED = ("teacher", "null_class")
 class StageSpec:
     """One row of the registry."""
 
-    build: Callable[[TrainConfig, torch.device, "StageSpec"], StageParts]
+    build: Callable[[TrainConfig, DistInfo, "StageSpec"], StageParts]
     objective: type  # its constructor (or, for a dataclass, its fields) defines the `objective` section
     model_config: type  # DiTDHConfig | ViTDecoderConfig: what `model.options` may set
     defaults: dict = field(default_factory=dict)  # objective options the stage fixes unless configured
@@ -92,6 +94,12 @@ def _preview_labels(count: int, num_classes: int, device) -> Tensor:
     return torch.arange(count, device=device) % num_classes
 
 
+def _rae_for_eval(cfg: TrainConfig, rae: RAE) -> RAE:
+    if rae.decoder is None:
+        raise ConfigError(f"eval.every > 0: stage {cfg.stage} evaluates decoded samples, set rae.decoder")
+    return rae
+
+
 def _decoded(rae: RAE, latents: Tensor) -> Tensor | None:
     return rae.decode(latents).clamp(0, 1) if rae.decoder is not None else None
 
@@ -101,7 +109,8 @@ def _decoded(rae: RAE, latents: Tensor) -> Tensor | None:
 #################################################################################
 
 
-def decoder_stage(cfg: TrainConfig, device: torch.device, spec: StageSpec) -> StageParts:
+def decoder_stage(cfg: TrainConfig, info: DistInfo, spec: StageSpec) -> StageParts:
+    device = info.device
     encoder = build_rae_encoder(cfg.rae).to(device)
     dataset = build_data(cfg.data, cfg.train.fail_on_bad_images)
     image_size = dataset[0][0].shape[-1]
@@ -135,16 +144,23 @@ def decoder_stage(cfg: TrainConfig, device: torch.device, spec: StageSpec) -> St
                       objective_config=to_dict(options), log_stats=lambda: objective.last_stats)
 
 
-def flow_matching_stage(cfg: TrainConfig, device: torch.device, spec: StageSpec) -> StageParts:
+def _latent_stage_inputs(cfg: TrainConfig, device: torch.device, meanflow: bool):
+    """(RAE, latent inputs, class count, DiT^DH config) of a latent stage, built in this order."""
     rae = build_rae(cfg.rae, device, stats_needed_by=f"stage {cfg.stage}")
     inputs = latent_inputs(cfg.data, rae, cfg.train.fail_on_bad_images)
     classes = num_classes_of(inputs.dataset)
-    config = dit_config(cfg, inputs.shape, classes, meanflow=False)
+    return rae, inputs, classes, dit_config(cfg, inputs.shape, classes, meanflow=meanflow)
+
+
+def flow_matching_stage(cfg: TrainConfig, info: DistInfo, spec: StageSpec) -> StageParts:
+    device = info.device
+    rae, inputs, classes, config = _latent_stage_inputs(cfg, device, meanflow=False)
     net = load_dit_dh(resolve_weights(cfg.model.init), config) if cfg.model.init else DiTDH(config)
     net.grad_checkpointing = cfg.train.grad_checkpointing
     options, resolved = objective_options(cfg, inputs.shape, spec)
     objective = build_from_options(spec.objective, options, "objective", fixed={"null_class": net.null_class})
     ode_points = cfg.train.sample_steps or 50
+    evaluate = teacher_evaluator(cfg.eval, _rae_for_eval(cfg, rae), classes, objective.shift, info) if cfg.eval.every else None
 
     @torch.no_grad()
     def preview(ema: nn.Module, generator: torch.Generator, count: int) -> Tensor | None:
@@ -153,14 +169,13 @@ def flow_matching_stage(cfg: TrainConfig, device: torch.device, spec: StageSpec)
                                        shift=objective.shift)
         return _decoded(rae, latents)
 
-    return StageParts(net, objective, inputs.dataset, inputs.prepare, preview, objective_config=resolved)
+    return StageParts(net, objective, inputs.dataset, inputs.prepare, preview, objective_config=resolved,
+                      evaluate=evaluate)
 
 
-def meanflow_stage(cfg: TrainConfig, device: torch.device, spec: StageSpec) -> StageParts:
-    rae = build_rae(cfg.rae, device, stats_needed_by=f"stage {cfg.stage}")
-    inputs = latent_inputs(cfg.data, rae, cfg.train.fail_on_bad_images)
-    classes = num_classes_of(inputs.dataset)
-    config = dit_config(cfg, inputs.shape, classes, meanflow=True)
+def meanflow_stage(cfg: TrainConfig, info: DistInfo, spec: StageSpec) -> StageParts:
+    device = info.device
+    rae, inputs, classes, config = _latent_stage_inputs(cfg, device, meanflow=True)
     teacher = frozen_teacher(cfg.teacher, device) if cfg.teacher else None
     init = cfg.model.init or cfg.teacher  # a teacher file initialises everything but the interval embedding
     if init is None:
@@ -170,13 +185,15 @@ def meanflow_stage(cfg: TrainConfig, device: torch.device, spec: StageSpec) -> S
     options, resolved = objective_options(cfg, inputs.shape, spec)
     objective = build_from_options(spec.objective, options, "objective",
                                    fixed={"teacher": teacher, "null_class": net.null_class})
+    evaluate = meanflow_evaluator(cfg.eval, _rae_for_eval(cfg, rae), classes, info) if cfg.eval.every else None
 
     @torch.no_grad()
     def preview(ema: nn.Module, generator: torch.Generator, count: int) -> Tensor | None:
         noise = torch.randn(count, *inputs.shape, generator=generator).to(device)
         return _decoded(rae, meanflow_sample(ema, noise, _preview_labels(count, classes, device), steps=1))
 
-    return StageParts(net, objective, inputs.dataset, inputs.prepare, preview, objective_config=resolved)
+    return StageParts(net, objective, inputs.dataset, inputs.prepare, preview, objective_config=resolved,
+                      evaluate=evaluate)
 
 
 #################################################################################
@@ -215,11 +232,12 @@ def load_stage_config(stage: str, config: str, overrides: list[str] | None = Non
     return cfg
 
 
-def build_stage(cfg: TrainConfig, device: torch.device) -> StageParts:
+def build_stage(cfg: TrainConfig, info: DistInfo) -> StageParts:
+    """The parts of `cfg.stage` for this process (`info`: its device, rank and world size)."""
     spec = REGISTRY[cfg.stage]
-    return spec.build(cfg, device, spec)
+    return spec.build(cfg, info, spec)
 
 
 def train_stage(cfg: TrainConfig, out: str | Path, resume: bool = False, command: list[str] | None = None) -> Path | None:
     """Build the stage's parts and train them in run directory `out`; returns the last checkpoint folder."""
-    return engine.train(cfg, lambda device: build_stage(cfg, device), out, resume=resume, command=command)
+    return engine.train(cfg, lambda info: build_stage(cfg, info), out, resume=resume, command=command)
