@@ -14,7 +14,7 @@ import sys
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mfrae.demo", "run every MF-RAE stage on the bundled digits on a CPU, evaluate, write a report"),
-    "eval": ("mfrae.eval.cli", "FD / FID, precision / recall and class accuracy of samples against a reference set"),
+    "eval": ("mfrae.eval.cli", "FID / FD, sFID, Inception Score, precision / recall and class accuracy against a reference"),
     "flops": ("mfrae.flops", "per-image GMACs / GFLOPs and parameter counts of a preset"),
     "toy": ("mfrae.flow.toy", "train FM / CMT / MFD / MFT on a 2-D Gaussian mixture with a closed-form flow"),
     "train": ("mfrae.train.cli", "train one stage: decoder, teacher, cmt, mfd or mft"),
