@@ -34,7 +34,8 @@ def test_report_has_every_field_with_measured_values(demo):
         assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, key
     for key in ("class_acc_teacher", "class_acc_mfd_1step", "class_acc_mft_1step"):
         assert 0.0 <= report[key] <= 1.0
-    assert set(report["seconds_per_stage"]) == {"encoder", "decoder", "teacher", "cmt", "mfd", "mft", "sampling", "evaluation"}
+    assert set(report["seconds_per_stage"]) == {"encoder", "decoder", "judge", "teacher", "cmt", "mfd", "mft", "sampling",
+                                               "evaluation"}
     assert sum(report["seconds_per_stage"].values()) <= report["seconds_total"]
     speed = report["images_per_second"]
     assert set(speed) == {"teacher", "1step", "2step"} and all(v > 0 for v in speed.values())
@@ -53,6 +54,19 @@ def test_report_html_and_sample_grids(demo):
         assert grids, stage
         image = np.asarray(Image.open(grids[-1]).convert("RGB"))
         assert image.ndim == 3 and image.shape[2] == 3 and image.std() > 1.0, f"{stage}: a constant grid"
+
+
+def test_latent_stages_log_their_fd_during_training_and_the_report_plots_it(demo):
+    keys = {"teacher": "eval/fd_16nfe", "cmt": "eval/fd_1step", "mfd": "eval/fd_1step", "mft": "eval/fd_2step"}
+    for stage, key in keys.items():
+        records = [json.loads(line) for line in (demo / stage / "metrics.jsonl").read_text().splitlines()]
+        values = [r[key] for r in records if key in r]
+        assert len(values) >= 2 and all(math.isfinite(v) and v >= 0 for v in values), stage
+        assert records[-1].get(key) is not None, f"{stage}: the last step is evaluated"
+    html = (demo / "report.html").read_text()
+    for stage in keys:
+        assert f"{stage}: FD of EMA samples during training" in html, stage
+    assert "decoder: FD of EMA samples" not in html  # the decoder stage measures no samples
 
 
 def test_every_stage_is_a_normal_run_directory(demo):
