@@ -66,7 +66,8 @@ PIPELINE_SECTIONS = ("data", "rae")
 def load_pipeline_config(config: str, overrides: list[str] | None = None) -> PipelineConfig:
     """`data` + `rae` of a preset's `common` section (or of a one-stage file), with `key=value` overrides."""
     preset, source = read_preset(config)
-    base = preset.get("common") or {} if ("common" in preset or "stages" in preset) else preset
+    staged = "common" in preset or "stages" in preset
+    base = (preset.get("common") or {}) if staged else preset
     data = {key: base[key] for key in PIPELINE_SECTIONS if key in base}
     data = apply_overrides(data, list(overrides or []))
     try:
