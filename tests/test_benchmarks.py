@@ -1,15 +1,23 @@
 """The benchmark scripts (benchmarks/*.py) import and run end to end at tiny sizes, so an API change in the library
-cannot silently break them. Each smoke run takes seconds; the checks are invariants of the reports (ratios against
-the reference variant, totals that are sums of their parts, the official classes' MAC counts), not timings."""
+cannot silently break them: every variant of each, their table output, train_step.py's child processes, and the
+GPU check's CPU-safe parts (argument parsing, the JSON schema, the skip / error / budget logic, and every
+measurement path on tiny CPU models). Each smoke run takes seconds; the checks are invariants of the reports
+(ratios against the reference variant, totals that are sums of their parts, the official classes' MAC counts),
+not timings."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -21,6 +29,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecate
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -79,3 +88,205 @@ def test_sample_memory_benchmark_reports_each_size(capsys):
     for row in rows.values():
         assert row["peak_rss_mb"] > 0 and row["images_per_s"] > 0 and row["npz_mb"] >= row["uint8_mb"]
     assert report["peak_ratio_largest_vs_smallest"] == pytest.approx(rows["200"]["peak_rss_mb"] / rows["40"]["peak_rss_mb"])
+
+
+def test_train_step_default_invocation_runs_its_child_processes(tmp_path):
+    """`python benchmarks/train_step.py` as a user runs it: fresh timing and memory children, the table, the target
+    lines (tiny size and two variants to keep it short; every variant runs in-process above)."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "train_step.py"), "--preset", "tiny", "--batch", "4",
+                           "--steps", "1", "--warmup", "0", "--threads", "1", "--device", "cpu", "--variants", "fd,fm"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0] for line in proc.stdout.splitlines()[2:] if line.strip()}
+    assert {"fd", "fm"} <= rows
+
+
+@pytest.mark.parametrize("name, argv, expected", [
+    ("sampling", ["--preset", "tiny", "--batch", "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                  "--device", "cpu"], ("mf1", "mf2", "teacher50", "mf1 images/s vs teacher50")),
+    ("flops", ["--presets", "imagenet256-s"], ("imagenet256-s", "SD-VAE baselines")),
+    ("sample_memory", ["--sizes", "40,80", "--batch-size", "16", "--shard-size", "32"], ("peak RSS ratio",)),
+])
+def test_benchmark_tables_print(capsys, name, argv, expected):
+    """The default (table) output of each benchmark, not only its --json report."""
+    assert _load(name).main(argv) == 0
+    out = capsys.readouterr().out
+    for text in expected:
+        assert text in out
+
+
+#################################################################################
+#                     benchmarks/gpu_check.sh and gpu_check.py                  #
+#################################################################################
+
+# What the GPU check must report (the issue's list), independent of the script's own tables: every section and,
+# per section, the measurements it owes.
+GPU_SECTIONS = {
+    "cuda_tests": {"total", "passed", "failed", "skipped"},
+    "matmul_peak": {"bf16_tflops"},
+    "train_step": {"ms_per_step", "samples_per_s", "peak_memory_gib", "mfu"},
+    "train_step_compiled": {"ms_per_step", "samples_per_s", "mfu"},
+    "sampling_256": {f"mf{k}_{p}_images_per_s" for k in (1, 2) for p in ("bf16", "fp32")},
+    "sampling_256_compiled_bf16": {"mf1_bf16_images_per_s", "mf2_bf16_images_per_s"},
+    "sampling_256_compiled_fp32": {"mf1_fp32_images_per_s", "mf2_fp32_images_per_s"},
+    "sampling_512": {"mf1_bf16_images_per_s"},
+}
+SECTION_KEYS = {"status", "reason", "error", "seconds", "timeout_s", "values", "details"}
+
+
+def _check_schema(report: dict) -> None:
+    assert report["schema"] == "mfrae-gpu-check/1"
+    assert report["targets"] == {"train_mfu": 0.45, "mf1_256_images_per_s": 725.0}
+    assert set(report["sections"]) == set(GPU_SECTIONS)
+    for name, section in report["sections"].items():
+        assert set(section) == SECTION_KEYS, name
+        assert section["status"] in ("ok", "error", "timeout", "skipped"), name
+        assert GPU_SECTIONS[name] <= set(section["values"]), name
+    for key in ("train_mfu", "train_mfu_target_met", "mf1_256_images_per_s", "mf1_256_target_met", "statuses"):
+        assert key in report["summary"]
+    assert {"python", "modules", "missing_required", "cuda_available"} <= set(report["environment"])
+
+
+def _gpu_check(tmp_path: Path, *argv: str) -> tuple[int, dict]:
+    rc = _load("gpu_check").main(["--out", str(tmp_path), *argv])
+    return rc, json.loads((tmp_path / "gpu_check.json").read_text())
+
+
+def test_gpu_check_shell_script_is_valid_bash():
+    proc = subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu_check.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "--out"),
+    (["--out", "x", "--budget-s", "-1"], "--budget-s"),
+    (["--out", "x", "--sections", "matmul_peak,warp_drive"], "warp_drive"),
+    (["--out", "x", "--train-batches", "32,0"], "--train-batches"),
+    (["--out", "x", "--device", "cpu"], "--tiny"),
+    (["--out", "x", "--device", "tpu"], "--device"),
+])
+def test_gpu_check_rejects_bad_arguments_naming_them(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        _load("gpu_check").parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_gpu_check_arguments_parse():
+    args = _load("gpu_check").parse_args(["--out", "x", "--train-batches", "16,32", "--sections",
+                                          "train_step,sampling_512", "--budget-s", "300"])
+    assert args.train_batches == (16, 32) and args.sections == ("train_step", "sampling_512")
+    assert args.budget_s == 300 and args.device == "cuda" and not args.dry_run
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report of a machine without CUDA")
+def test_gpu_check_dry_run_reports_every_section_skipped_without_cuda(tmp_path):
+    rc, report = _gpu_check(tmp_path, "--dry-run")
+    assert rc == 0
+    _check_schema(report)
+    assert report["mode"] == "dry-run" and report["environment"]["cuda_available"] is False
+    for name in GPU_SECTIONS:
+        section = report["sections"][name]
+        assert section["status"] == "skipped", name
+        assert name == "cuda_tests" or "no CUDA" in section["reason"], name
+        assert all(v is None for v in section["values"].values()), name
+    assert report["summary"]["train_mfu"] is None and report["summary"]["mf1_256_target_met"] is None
+    assert (tmp_path / "gpu_check.log").read_text().strip()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report of a machine without CUDA")
+def test_gpu_check_without_cuda_measures_nothing_and_fails(tmp_path):
+    rc, report = _gpu_check(tmp_path)
+    assert rc == 1 and report["sections"]["train_step"]["reason"] == "no CUDA device"
+
+
+def test_gpu_check_budget_exhausted_skips_sections(tmp_path):
+    rc, report = _gpu_check(tmp_path, "--tiny", "--device", "cpu", "--budget-s", "0")
+    assert rc == 0
+    _check_schema(report)
+    for name in GPU_SECTIONS.keys() - {"cuda_tests"}:
+        assert report["sections"][name]["status"] == "skipped"
+        assert report["sections"][name]["reason"].startswith("budget exhausted"), name
+
+
+def test_gpu_check_failures_are_recorded_and_the_rest_goes_on(tmp_path):
+    """A failing configuration (batch 1: the prefix layout cannot give 25 % of one row r != t) keeps the section's
+    other configurations; a section failing as a whole (an unknown compile backend) is recorded; the others still
+    run."""
+    rc, report = _gpu_check(tmp_path, "--tiny", "--device", "cpu", "--threads", "1", "--train-batches", "1,4",
+                            "--train-steps", "1", "--compile-backend", "no_such_backend",
+                            "--sections", "train_step,sampling_256_compiled_bf16,sampling_512")
+    assert rc == 1
+    sections = report["sections"]
+    train = sections["train_step"]
+    # batches 1 (fails) and 4 at the engine's float32 setting, then TF32 at the largest batch that ran
+    assert train["status"] == "error" and train["error"].startswith("1 of 3 measurements failed")
+    assert "fraction_r_neq_t" in train["error"]
+    assert [(c["batch"], c["matmul_precision"]) for c in train["details"]["configs"]] == [
+        (1, "float32 (engine default)"), (4, "float32 (engine default)"), (4, "tf32")]
+    assert train["values"]["batch"] == 4 and train["values"]["ms_per_step"] > 0
+    assert sections["sampling_256_compiled_bf16"]["status"] == "error"
+    assert "no_such_backend" in sections["sampling_256_compiled_bf16"]["error"]
+    assert sections["sampling_512"]["status"] == "ok"
+    assert sections["sampling_512"]["values"]["mf1_bf16_images_per_s"] > 0
+    assert sections["matmul_peak"]["reason"] == "not selected (--sections)"
+    assert report["summary"]["statuses"]["sampling_512"] == "ok"
+
+
+# The default run takes one section of each kind (matmul, training step, compiled sampling); `slow` runs them all.
+QUICK_SECTIONS = ("matmul_peak", "train_step", "sampling_256_compiled_bf16")
+
+
+ALL_MEASURED = tuple(GPU_SECTIONS.keys() - {"cuda_tests"})
+
+
+@pytest.mark.parametrize("sections", [QUICK_SECTIONS, pytest.param(ALL_MEASURED, marks=pytest.mark.slow)])
+def test_gpu_check_tiny_cpu_run_measures_every_section(tmp_path, sections):
+    """The measurement paths of the GPU check on a CPU with tiny models (the `eager` compile backend stands in
+    for inductor: dynamo still traces and wraps the models)."""
+    rc, report = _gpu_check(tmp_path, "--tiny", "--device", "cpu", "--threads", "1", "--compile-backend", "eager",
+                            "--sample-repeats", "1", "--train-steps", "1", "--train-warmup", "1",
+                            "--sections", ",".join(sections))
+    assert rc == 0, report["summary"]["statuses"]
+    _check_schema(report)
+    sections_ = report["sections"]
+    for name in sections:
+        assert sections_[name]["status"] == "ok", (name, sections_[name]["error"])
+        for key in GPU_SECTIONS[name] - {"peak_memory_gib"}:  # no allocator statistics on a CPU
+            assert sections_[name]["values"][key] > 0, (name, key)
+    peak = sections_["matmul_peak"]["values"]["bf16_tflops"]
+    for config in sections_["train_step"]["details"]["configs"]:
+        # samples/s and MFU are what the step time and the counted FLOPs say
+        assert config["samples_per_s"] == pytest.approx(config["batch"] * 1e3 / config["ms_per_step"])
+        assert config["mfu"] == pytest.approx(config["flops_per_step"] / (config["ms_per_step"] / 1e3) / 1e12 / peak)
+        # FLOPs counted over the executed step vs B (3 f_s + f_t) + 2 k f_s from per-sample forward counts: the
+        # backward skips the input gradients of the first layers, a few % of this tiny model
+        assert 0.9 < config["flops_per_step"] / config["flops_per_step_analytic"] <= 1.0
+        assert config["gap_rows"] == round(0.25 * config["batch"])
+    sampling = [n for n in sections if n.startswith("sampling")]
+    for name in sampling:
+        per_image = sections_[name]["details"]["true_gflops_per_image"]
+        for variant in sections_[name]["details"]["variants"].values():
+            assert variant["true_gflops_per_image"] == pytest.approx(variant["nfe"] * per_image["backbone"]
+                                                                     + per_image["decoder"])
+    mfus = [sections_[name]["values"]["mfu"] for name in ("train_step", "train_step_compiled") if name in sections]
+    assert report["summary"]["train_mfu"] == pytest.approx(max(mfus))  # the best of eager and compiled
+    assert report["summary"]["train_mfu_target_met"] is (max(mfus) >= 0.45)
+
+
+def test_gpu_check_script_end_to_end_without_cuda(tmp_path):
+    """gpu_check.sh on this machine: the CUDA tests are collected and skipped, the report and the logs written."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine runs the real check")
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), str(tmp_path), "--dry-run"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    _check_schema(report)
+    tests = report["sections"]["cuda_tests"]
+    cuda_tests = ast.parse((BENCHMARKS.parent / "tests" / "test_cuda.py").read_text())
+    functions = [n for n in cuda_tests.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+    assert tests["values"]["total"] >= len(functions) and tests["values"]["skipped"] == tests["values"]["total"]
+    assert {p.name for p in tmp_path.iterdir()} >= {"gpu_check.json", "gpu_check.log", "cuda_tests.log",
+                                                    "cuda_tests.xml"}

@@ -22,6 +22,7 @@ import torch
 from conftest import randomize_
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mfrae.errors import ConfigError
 from mfrae.flow.objectives import (
     FlowMatchingLoss,
     GapRows,
@@ -388,3 +389,47 @@ def test_pair_sampler_prefix_layout():
     t, r = sampler.sample(10)
     assert sampler.num_gap_rows(10) == 2  # round(2.5) = 2 (banker's rounding)
     assert bool((r[:2] < t[:2]).all()) and torch.equal(r[2:], t[2:])
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 0.75, 1.0])
+def test_prefix_layout_reaches_the_fraction_over_a_step_at_any_micro_batch(fraction):
+    """The r != t rows of an optimizer step (all micro-batches of all processes) number the configured fraction
+    of its rows to within half a row, spread as evenly as whole rows allow, also at 1 or 2 rows per
+    micro-batch, where a per-micro-batch round(fraction * n) gives 0."""
+    from mfrae.distributed import BatchPart
+    from mfrae.flow.paths import PairSampler
+
+    sampler = PairSampler(fraction_r_neq_t=fraction, layout="prefix")
+    for n in (1, 2, 3, 6, 10):
+        for parts in (1, 2, 4, 8, 128):
+            rows = n * parts
+            k_step = round(fraction * rows)
+            if k_step == 0 or (k_step == rows and fraction < 1):  # no r != t row, or no r = t row: refused
+                with pytest.raises(ValueError, match="cannot reach it"):
+                    sampler.num_gap_rows(n, BatchPart(0, parts))
+                continue
+            counts = []
+            for index in range(parts):
+                part = BatchPart(index, parts)
+                t, r = sampler.sample(n, part=part)
+                k = sampler.num_gap_rows(n, part)
+                assert bool((r[:k] < t[:k]).all()) and torch.equal(r[k:], t[k:])  # leading rows, then r = t
+                counts.append(k)
+            assert abs(sum(counts) - fraction * rows) <= 0.5 + 1e-9, (n, parts, counts)
+            assert max(counts) - min(counts) <= 1
+    with pytest.raises(ValueError, match="gives 0 rows with r != t"):
+        PairSampler(fraction_r_neq_t=0.25, layout="prefix").num_gap_rows(1, BatchPart(0, 1))
+
+
+def test_a_prefix_layout_that_cannot_reach_its_fraction_is_refused_by_key():
+    from mfrae.train.stages import load_stage_config
+
+    for batch in (1, 2, 8):
+        overrides = ["objective.r_neq_t_layout=prefix", "objective.fraction_r_neq_t=0.125", f"train.global_batch={batch}",
+                     "train.micro_batch=1"]
+        if batch == 8:  # one row of eight: reachable
+            load_stage_config("mfd", "digits", overrides)
+            continue
+        with pytest.raises(ConfigError, match=r"objective.fraction_r_neq_t=0.125 .*r_neq_t_layout=prefix .*"
+                                              rf"train.global_batch={batch}"):
+            load_stage_config("mfd", "digits", overrides)

@@ -27,12 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mfrae.distributed import init_distributed, shutdown_distributed
+    from mfrae.distributed import process_group
     from mfrae.pipeline import build_data, build_rae_encoder, load_pipeline_config
 
     cfg = load_pipeline_config(args.config, args.set)
-    info = init_distributed()
-    try:
+    with process_group() as info:
         encoder = build_rae_encoder(cfg.rae).to(info.device)
         index = build_latent_cache(
             # Flips are stored explicitly (--flip-both), never baked in at random.
@@ -41,8 +40,6 @@ def run(args: argparse.Namespace) -> int:
             encoder_name=encoder.name, encoder_fingerprint=encoder.fingerprint(), dtype=getattr(torch, args.dtype),
             num_workers=cfg.data.num_workers, rank=info.rank, world_size=info.world_size, progress=info.is_main,
         )
-    finally:
-        shutdown_distributed()
     if info.is_main:
         print(f"cache {args.out}: {index['count']} latents of shape {index['latent_shape']} in {index['num_shards']} shards")
     return 0

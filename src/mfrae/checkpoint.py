@@ -26,12 +26,14 @@ import json
 import logging
 import math
 import pickle
+import re
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from mfrae.errors import CheckpointError
+from mfrae.config import from_dict
+from mfrae.errors import CheckpointError, ConfigError
 from mfrae.fileio import commit, temp_path
 from mfrae.layers import swiglu_hidden
 from mfrae.models.dit_dh import DiTDH, DiTDHConfig
@@ -76,8 +78,21 @@ def resolve_path(spec: str | Path) -> Path:
 #################################################################################
 
 
+# The global torch's weights-only unpickler names when it blocks one: "GLOBAL posix.system whose module posix
+# is blocked" or "Unsupported global: GLOBAL builtins.eval was not an allowed global".
+_BLOCKED_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
 def load_torch_file(spec: str | Path) -> dict:
-    """torch.load with weights_only=True (tensors and plain containers only), memory-mapped when possible."""
+    """torch.load with weights_only=True (tensors and plain containers only), memory-mapped when possible.
+
+    A pickle that would import a Python global (the way a pickle runs code) is refused, naming the global;
+    nothing of it is executed. torch's advice to retry with weights_only=False is deliberately not passed on.
+    """
     path = resolve_path(spec)
     try:
         try:
@@ -88,15 +103,20 @@ def load_torch_file(spec: str | Path) -> dict:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
-        reason = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-        if "Unsupported global" not in text:  # not an object we refused: the bytes are not a pickle at all
-            raise CheckpointError(f"{spec}: not a readable torch checkpoint ({reason})") from None
-        raise CheckpointError(
-            f"{spec}: refused to load, the file holds objects other than tensors "
-            f"(loaded with weights_only=True, no arbitrary unpickling): {reason}"
-        ) from None
+        blocked = _BLOCKED_GLOBAL.search(text)
+        if blocked:
+            raise CheckpointError(
+                f"{spec}: refused to load a code-executing pickle: it imports the Python global {blocked.group(1)} "
+                "(nothing of it was loaded or run; mfrae reads only tensors and plain containers, weights_only=True)"
+            ) from None
+        # Keep the unpickler's own diagnosis (e.g. "Unsupported operand 149"), never the surrounding advice.
+        _, marker, detail = text.partition("WeightsUnpickler error:")
+        reason = _first_line(detail) if marker else "not a pickle of tensors"
+        raise CheckpointError(f"{spec}: not a readable torch checkpoint ({reason})") from None
+    except EOFError:
+        raise CheckpointError(f"{spec}: not a readable torch checkpoint (empty or truncated file)") from None
     except Exception as err:
-        raise CheckpointError(f"{spec}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{spec}: not a readable torch checkpoint ({type(err).__name__}: {_first_line(str(err))})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{spec}: expected a dict of tensors, found {type(obj).__name__}")
     return obj
@@ -234,13 +254,67 @@ def infer_vit_decoder_config(state: dict[str, Tensor], source: str = "state dict
 #################################################################################
 
 
-def _read_weights(spec: str | Path, prefix: str | None = None) -> tuple[dict[str, Tensor], dict]:
-    """(state dict, mfrae metadata or {}) from a safetensors file of ours or a released torch file."""
+# What each kind of file holds, in words (error messages), and a key only that kind of released file has.
+KIND_NAMES = {
+    "dit_dh": "DiT^DH model (teacher / MeanFlow student)",
+    "vit_decoder": "ViT decoder",
+    "latent_stats": "latent statistics",
+    "small_vit": "small ViT encoder",
+}
+_KIND_KEYS = {"dit_dh": "x_embedder.proj.weight", "vit_decoder": "decoder_embed.weight", "latent_stats": "var"}
+
+
+def _kind_name(kind: str | None) -> str:
+    return KIND_NAMES.get(kind, repr(kind)) if kind else "unknown"
+
+
+def found_kind(state: dict, meta: dict | None = None) -> str | None:
+    """The kind of a file: its `mfrae.kind` metadata, else recognised from the keys of a released file."""
+    if meta and meta.get("kind"):
+        return meta["kind"]
+    for container in ("ema", "model"):  # training dicts hold the weights one level down
+        if isinstance(state.get(container), dict):
+            state = state[container]
+    keys = {k[len("module.") :] if k.startswith("module.") else k for k in state}
+    keys |= {k[len("decoder.") :] for k in keys if k.startswith("decoder.")}
+    return next((kind for kind, key in _KIND_KEYS.items() if key in keys), None)
+
+
+def check_kind(spec: str | Path, state: dict, meta: dict, expected: str) -> None:
+    """CheckpointError naming the file, the expected and the found kind unless the file is of kind `expected`
+    (a file whose kind cannot be told is let through: its keys are checked strictly when it is loaded)."""
+    found = found_kind(state, meta)
+    if found is not None and found != expected:
+        raise CheckpointError(f"{spec}: expected a {_kind_name(expected)} file, found a {_kind_name(found)} file")
+
+
+def config_from_meta(spec: str | Path, meta: dict, config_cls):
+    """The config dataclass stored in a file's `mfrae.config` metadata, every field checked; CheckpointError
+    naming the file when the metadata does not describe a `config_cls`."""
+    try:
+        return from_dict(config_cls, meta["config"], "mfrae.config")  # lists become the tuples of the hints
+    except ConfigError as err:
+        raise CheckpointError(f"{spec}: bad mfrae.config metadata for a {config_cls.__name__} ({err})") from None
+
+
+def _build(spec: str | Path, cls, config):
+    """cls(config), with a config that type-checks but builds no network reported as bad metadata."""
+    try:
+        return cls(config)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{spec}: its config does not build a {cls.__name__} ({_first_line(str(err))})") from None
+
+
+def _read_weights(spec: str | Path, kind: str, prefix: str | None = None) -> tuple[dict[str, Tensor], dict]:
+    """(state dict, mfrae metadata or {}) from a safetensors file of ours or a released torch file, refused
+    naming both kinds when it holds another kind of weights."""
     path = resolve_path(spec)
     if path.suffix == ".safetensors":
-        state, meta = read_safetensors(path)
-        return extract_state_dict(state, str(spec), prefix), meta
-    return extract_state_dict(load_torch_file(path), str(spec), prefix), {}
+        raw, meta = read_safetensors(path)
+    else:
+        raw, meta = load_torch_file(path), {}
+    check_kind(spec, raw, meta, kind)
+    return extract_state_dict(raw, str(spec), prefix), meta
 
 
 def load_dit_dh(spec: str | Path, config: DiTDHConfig | None = None, meanflow: bool | None = None) -> DiTDH:
@@ -250,13 +324,13 @@ def load_dit_dh(spec: str | Path, config: DiTDHConfig | None = None, meanflow: b
     meanflow: True builds a student (a teacher file then initialises everything but `r_embedder`),
     False a teacher, None whatever the file holds.
     """
-    state, meta = _read_weights(spec)
+    state, meta = _read_weights(spec, "dit_dh")
     if config is None:
-        config = DiTDHConfig(**_tuple_fields(meta["config"])) if meta.get("config") else infer_dit_dh_config(state, str(spec))
+        config = config_from_meta(spec, meta, DiTDHConfig) if meta.get("config") else infer_dit_dh_config(state, str(spec))
     file_is_student = any(k.startswith(INTERVAL_PREFIX) for k in state)
     if meanflow is not None and meanflow != config.interval_embedding:
         config = DiTDHConfig(**{**config.to_dict(), "interval_embedding": meanflow})
-    model = DiTDH(config)
+    model = _build(spec, DiTDH, config)
     allow = (INTERVAL_PREFIX,) if config.interval_embedding and not file_is_student else ()
     fresh = load_state_dict_strict(model, state, str(spec), allow_missing=allow)
     if fresh:
@@ -270,10 +344,10 @@ def load_dit_dh(spec: str | Path, config: DiTDHConfig | None = None, meanflow: b
 
 def load_vit_decoder(spec: str | Path, config: ViTDecoderConfig | None = None) -> ViTDecoder:
     """Build and strictly load a ViT decoder (a released `model.pt`, an RAE state dict, or our safetensors)."""
-    state, meta = _read_weights(spec, prefix="decoder.")
+    state, meta = _read_weights(spec, "vit_decoder", prefix="decoder.")
     if config is None:
-        config = ViTDecoderConfig(**meta["config"]) if meta.get("config") else infer_vit_decoder_config(state, str(spec))
-    model = ViTDecoder(config)
+        config = config_from_meta(spec, meta, ViTDecoderConfig) if meta.get("config") else infer_vit_decoder_config(state, str(spec))
+    model = _build(spec, ViTDecoder, config)
     if "trainable_cls_token" not in state:
         # Some converters tolerate files without it; the official module then keeps its zero init.
         log.info("%s: no trainable_cls_token, using zeros", spec)
@@ -283,9 +357,15 @@ def load_vit_decoder(spec: str | Path, config: ViTDecoderConfig | None = None) -
 
 
 def load_latent_stats(spec: str | Path, eps: float = 1e-5) -> LatentStats:
-    """`stat.pt` ({"mean", "var"} of shape [C, g, g], a leading 1 tolerated) or our safetensors equivalent."""
+    """`stat.pt` ({"mean", "var"} of shape [C, g, g], a leading 1 tolerated) or our safetensors equivalent.
+
+    Our files also name the encoder they were computed with ({"encoder": {"name", "fingerprint"}} in the
+    metadata); an RAE built with another encoder refuses them. The authors' `stat.pt` names none and is trusted.
+    """
     path = resolve_path(spec)
-    obj = read_safetensors(path)[0] if path.suffix == ".safetensors" else load_torch_file(path)
+    obj, meta = read_safetensors(path) if path.suffix == ".safetensors" else (load_torch_file(path), {})
+    check_kind(spec, obj, meta, "latent_stats")
+    encoder = _stats_encoder(spec, meta)
     for key in ("mean", "var"):
         if key not in obj or not isinstance(obj[key], Tensor):
             raise CheckpointError(f"{spec}: latent statistics need a tensor {key!r}; found keys {sorted(obj)}")
@@ -293,9 +373,21 @@ def load_latent_stats(spec: str | Path, eps: float = 1e-5) -> LatentStats:
     if mean.dim() == 4 and mean.shape[0] == 1:
         mean, var = mean[0], var[0]
     try:
-        return LatentStats(mean, var, eps=eps)
+        return LatentStats(mean, var, eps=eps, source=str(spec), **encoder)
     except ValueError as err:
         raise CheckpointError(f"{spec}: {err}") from None
+
+
+def _stats_encoder(spec: str | Path, meta: dict) -> dict[str, str]:
+    """{"encoder_name", "encoder_fingerprint"} of a statistics file's metadata ({} when it names none)."""
+    config = meta.get("config")
+    if config is None:
+        return {}
+    encoder = config.get("encoder") if isinstance(config, dict) else None
+    if not (isinstance(encoder, dict) and all(isinstance(encoder.get(k), str) for k in ("name", "fingerprint"))):
+        raise CheckpointError(f"{spec}: bad mfrae.config metadata for latent statistics (expected "
+                              f"{{\"encoder\": {{\"name\": ..., \"fingerprint\": ...}}}}, got {config!r})")
+    return {"encoder_name": encoder["name"], "encoder_fingerprint": encoder["fingerprint"]}
 
 
 #################################################################################
@@ -334,8 +426,12 @@ def read_kind(path: str | Path, kind: str) -> tuple[dict[str, Tensor], dict]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"no such file: {path}")
     state, meta = read_safetensors(path)
-    if meta.get("kind") != kind or "config" not in meta:
-        raise CheckpointError(f"{path}: not an mfrae {kind} file (kind {meta.get('kind')!r})")
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"{path}: not an mfrae {kind} file: expected a {_kind_name(kind)} file, "
+                              f"found a {_kind_name(found_kind(state, meta))} file")
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path}: a {_kind_name(kind)} file needs its config as a JSON object in the "
+                              f"mfrae.config metadata, found {meta.get('config')!r}")
     return state, _tuple_fields(meta["config"])
 
 
@@ -365,13 +461,18 @@ def load_model(spec: str | Path) -> nn.Module:
     """Rebuild a model saved by `save_model` (kind and config from the file's metadata)."""
     path = resolve_path(spec)
     state, meta = read_safetensors(path)
-    if meta.get("kind") not in _KINDS or "config" not in meta:
-        raise CheckpointError(f"{spec}: not an mfrae model file (no mfrae.kind / mfrae.config metadata)")
+    if meta.get("kind") not in _KINDS:
+        expected = " or ".join(_kind_name(k) for k in _KINDS)
+        raise CheckpointError(f"{spec}: expected an mfrae model file ({expected}), found a {_kind_name(found_kind(state, meta))} file")
+    if "config" not in meta:
+        raise CheckpointError(f"{spec}: no mfrae.config metadata, the {_kind_name(meta['kind'])} cannot be rebuilt")
     cls, config_cls = _KINDS[meta["kind"]]
-    model = cls(config_cls(**_tuple_fields(meta["config"])))
+    model = _build(spec, cls, config_from_meta(spec, meta, config_cls))
     load_state_dict_strict(model, state, str(spec))
     return model
 
 
 def save_latent_stats(stats: LatentStats, path: str | Path) -> Path:
-    return write_safetensors(stats.to_dict(), path, "latent_stats")
+    """Write {"mean", "var"} atomically, with the encoder the statistics belong to when they name one."""
+    encoder = {"name": stats.encoder_name, "fingerprint": stats.encoder_fingerprint}
+    return write_safetensors(stats.to_dict(), path, "latent_stats", {"encoder": encoder} if stats.encoder_fingerprint else None)

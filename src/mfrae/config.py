@@ -4,16 +4,22 @@ Every value is checked against its type hint before anything runs; an unknown ke
 `ConfigError` naming the dotted key. Sections that configure a component with its own constructor
 (`objective`, model architectures) are plain mappings validated against that constructor's signature
 by `build_from_options`, so the component's own type hints stay the single source of truth.
+A numeric field may carry its range in its hint, `Annotated[float, Bounds(gt=0)]`, checked with the key.
+
+Preset files hold `common` and `stages` at the top level, plus any number of anchor-only keys starting with
+`_` (blocks shared through YAML anchors, e.g. `_dit: &dit`); any other top-level key is refused
+(`split_preset`, docs/input_checks.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -25,7 +31,48 @@ from mfrae.errors import ConfigError
 
 
 def _type_name(tp) -> str:
+    if get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "None"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The range of a numeric field, given in its hint: `Annotated[int, Bounds(ge=1)]`.
+
+    `coerce` checks it after the type, so the error names the dotted key and the value. Values must also be
+    finite (NaN never passes) unless `finite=False`, which still refuses NaN but lets +-inf through.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    finite: bool = True
+
+    def describe(self, integer: bool = False) -> str:
+        parts = [f"{op} {v:g}" for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt)) if v is not None]
+        kind = "an integer" if integer else "a finite number" if self.finite else "a number"
+        return " ".join([kind, " and ".join(parts)]).strip()
+
+    def check(self, value: Any, key: str) -> None:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return  # the type check has spoken already (e.g. None of an optional field)
+        ok = not math.isnan(value) and (not self.finite or math.isfinite(value))
+        ok = ok and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+        ok = ok and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
+        if not ok:
+            raise ConfigError(f"{key}: must be {self.describe(isinstance(value, int))}, got {value!r}")
+
+
+def _reason(err: ConfigError, key: str) -> str:
+    """The message of a nested error without its leading `key: ` (for listing the options tried)."""
+    text = str(err)
+    return text[len(key) + 2 :] if text.startswith(f"{key}: ") else text
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
@@ -33,15 +80,22 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any or tp is inspect.Parameter.empty:
         return value
     origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        value = coerce(value, args[0], key)
+        for extra in tp.__metadata__:
+            if isinstance(extra, Bounds):
+                extra.check(value, key)
+        return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        tried = []
         for option in (a for a in args if a is not type(None)):
             try:
                 return coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+            except ConfigError as err:
+                tried.append(f"as {_type_name(option)}: {_reason(err, key)}")
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)} ({'; '.join(tried)})")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
@@ -101,7 +155,7 @@ def from_dict(cls, data: Any, prefix: str = ""):
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = get_type_hints(cls)
+    hints = get_type_hints(cls, include_extras=True)  # keep the Bounds of Annotated hints
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -109,6 +163,10 @@ def from_dict(cls, data: Any, prefix: str = ""):
     values = {name: coerce(value, hints[name], _join(prefix, name)) for name, value in data.items()}
     try:
         obj = cls(**values)
+    except ConfigError as err:
+        if not prefix:  # a top-level config's own checks name their dotted keys already
+            raise
+        raise ConfigError(f"{where}: {err}") from None
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from None
     return obj
@@ -164,7 +222,7 @@ def check_options(target, options: dict, prefix: str, skip: tuple[str, ...] = ()
 def signature_options(target) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
     """Keyword options of a class or function: {name: Parameter} and their resolved type hints."""
     func = target.__init__ if inspect.isclass(target) else target
-    hints = get_type_hints(func)
+    hints = get_type_hints(func, include_extras=True)
     params = {
         name: p
         for name, p in inspect.signature(func).parameters.items()
@@ -251,6 +309,7 @@ def write_yaml(data: dict, path: str | Path) -> None:
 
 
 __all__ = [
+    "Bounds",
     "ConfigError",
     "apply_overrides",
     "build_from_options",
@@ -262,6 +321,7 @@ __all__ = [
     "parse_override",
     "read_yaml",
     "signature_options",
+    "split_preset",
     "to_dict",
     "write_yaml",
 ]
@@ -286,3 +346,36 @@ def read_preset(name_or_path: str) -> tuple[dict, str]:
     if not bundled.is_file():
         raise ConfigError(f"no config file or preset named {name_or_path!r}; presets: {', '.join(preset_names())}")
     return read_yaml(Path(str(bundled))), f"preset {name_or_path}"
+
+
+PRESET_SECTIONS = ("common", "stages")
+
+
+def is_anchor_key(key: Any) -> bool:
+    """Top-level keys starting with `_` only hold YAML anchors (blocks reused with `*name`), never config."""
+    return isinstance(key, str) and key.startswith("_")
+
+
+def split_preset(preset: dict, source: str) -> tuple[dict, dict]:
+    """(common, stages) of a preset mapping; a file with neither section is one stage's config: (it, {}).
+
+    The top level of a preset may hold only `common`, `stages` and anchor-only keys (`_name`); anything else
+    (a misspelt `comon:` or `stage:`) is refused naming the key and `source`, so no section is silently lost.
+    """
+    body = {k: v for k, v in preset.items() if not is_anchor_key(k)}
+    if not any(k in body for k in PRESET_SECTIONS):
+        return body, {}
+    unknown = sorted(str(k) for k in body if k not in PRESET_SECTIONS)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown top-level section {unknown[0]!r}; a preset holds {' and '.join(PRESET_SECTIONS)} "
+            "(YAML anchors go under top-level keys starting with '_')"
+        )
+    common, stages = body.get("common") or {}, body.get("stages") or {}
+    sections = {"common": common, "stages": stages}
+    if isinstance(stages, dict):
+        sections.update({f"stages.{k}": v or {} for k, v in stages.items()})
+    for name, value in sections.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping, got {value!r}")
+    return common, {k: v or {} for k, v in stages.items()}

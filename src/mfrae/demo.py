@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -200,6 +201,9 @@ class Demo:
         latest = RunDir(run).latest_checkpoint()
         if latest is not None and latest.name == f"step_{steps:08d}":
             return StageResult(run, f"reused {run}")
+        if latest is None and (run / "run.json").is_file():
+            # an earlier demo stopped this stage before its first checkpoint: nothing there to resume or keep
+            shutil.rmtree(run)
         train_stage(cfg, run, resume=latest is not None, command=["mfrae", "demo", stage])
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return StageResult(run, f"{steps} steps, final loss {records[-1]['loss']:.4g}")

@@ -7,6 +7,7 @@ identity, so single-process code never branches on it. Used by training, `mfrae 
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -31,6 +32,38 @@ class DistInfo:
         return self.world_size > 1
 
 
+@dataclass(frozen=True)
+class BatchPart:
+    """Which share of an optimizer step's global batch one micro-batch is: part `index` of `count` equal parts,
+    count = processes x accumulation steps, index = rank x accumulation steps + micro-batch. Objectives that
+    must lay rows out over the whole step (the MeanFlow "prefix" row layout) read it; the others ignore it."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"BatchPart index must be in [0, {self.count}), got {self.index}")
+
+
+WHOLE_BATCH = BatchPart()
+
+
+def plain_module(net: nn.Module) -> nn.Module:
+    """The network inside its DistributedDataParallel and torch.compile wrappers.
+
+    For calls the wrappers must not see: forward-mode AD (torch.func.jvp does not go through DDP's forward,
+    and DDP must only see the one autograd forward whose gradients it reduces).
+    """
+    while True:
+        if isinstance(net, nn.parallel.DistributedDataParallel):
+            net = net.module
+        elif isinstance(net, torch._dynamo.eval_frame.OptimizedModule):
+            net = net._orig_mod
+        else:
+            return net
+
+
 def init_distributed(device: str | None = None) -> DistInfo:
     """Read torchrun's environment; start a process group when WORLD_SIZE > 1 (nccl on GPU, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -44,9 +77,35 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, dev)
 
 
-def shutdown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown_distributed(finished: bool = True) -> None:
+    """Tear the process group down.
+
+    After a clean finish (`finished`) every process first waits for the others: rank 0 still writes files
+    when the others are done, and a process that destroys its group and exits while a peer still talks to
+    it can abort in gloo's teardown. Objects that hold the group (DistributedDataParallel's reducer, often
+    in reference cycles) are collected before it is destroyed, not during interpreter shutdown.
+    """
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
+class process_group:
+    """`with process_group(device) as info:` - `init_distributed` on entry, `shutdown_distributed` on exit
+    (with the final barrier only when the block finished without an exception: a failed process must not
+    wait for peers that may never arrive)."""
+
+    def __init__(self, device: str | None = None):
+        self.device = device
+
+    def __enter__(self) -> DistInfo:
+        return init_distributed(self.device)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        shutdown_distributed(finished=exc_type is None)
 
 
 def all_mean(value: Tensor, info: DistInfo) -> Tensor:

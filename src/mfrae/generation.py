@@ -10,6 +10,10 @@ Determinism: the noise of sample i is drawn on the CPU from its own generator se
 `seed * 1_000_003 + i` (distinct for i < 1_000_003) and then moved to the device, so it does not depend on the
 device, the batch or the process that makes sample i. Used by `mfrae sample` (streamed to shards), the demo,
 the benchmarks and evaluation during training.
+
+Non-finite values (NaN weights or statistics, a guidance scale that overflows) would come out as black images,
+because the uint8 conversion clamps them away; `generate_batch(..., check_finite=True)` (what `mfrae sample`
+asks for) raises `NonFiniteSamples` instead, saying whether the latents or only the decoded images went bad.
 """
 
 from __future__ import annotations
@@ -28,6 +32,17 @@ from mfrae.models.dit_dh import DiTDH
 from mfrae.models.rae import RAE
 
 NOISE_SEED_STRIDE = 1_000_003
+
+
+class NonFiniteSamples(ValueError):
+    """A batch holds NaN or infinite values; `stage` is "latents" (the backbone or its guidance produced them)
+    or "images" (the latents were finite: the decoder or the latent statistics produced them)."""
+
+    def __init__(self, stage: str, indices: Sequence[int]) -> None:
+        self.stage = stage
+        first, last = int(indices[0]), int(indices[-1])
+        what = "sampled latents" if stage == "latents" else "decoded images (of finite latents)"
+        super().__init__(f"{what} are not finite in samples {first}..{last}")
 
 
 #################################################################################
@@ -110,9 +125,10 @@ def batches(indices: Sequence[int], size: int) -> Iterator[Sequence[int]]:
 @torch.inference_mode()
 def generate_batch(model: DiTDH, rae: RAE, labels: Tensor, indices: Sequence[int], settings: SampleSettings,
                    seed: int = 0, weak_model: DiTDH | None = None, device: torch.device | str = "cpu",
-                   noise: Tensor | None = None) -> Tensor:
+                   noise: Tensor | None = None, check_finite: bool = False) -> Tensor:
     """Images [len(indices), 3, H, W] in [0, 1] on the CPU for samples `indices`, whose labels are `labels`
-    (`noise`: their `sample_noise`, when drawn already)."""
+    (`noise`: their `sample_noise`, when drawn already). `check_finite`: raise `NonFiniteSamples` for NaN or
+    infinite latents or images instead of returning them clamped."""
     device = torch.device(device)
     noise = sample_noise(model.latent_shape, indices, seed) if noise is None else noise
     noise = noise.to(device, non_blocking=True)
@@ -126,8 +142,13 @@ def generate_batch(model: DiTDH, rae: RAE, labels: Tensor, indices: Sequence[int
                                      method=settings.method, cfg_scale=settings.cfg_scale,
                                      cfg_interval=settings.cfg_interval, weak_model=weak_model,
                                      autoguidance_scale=settings.autoguidance_scale)
+    if check_finite and not torch.isfinite(z).all():
+        raise NonFiniteSamples("latents", indices)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.decoder_bf16):
-        return rae.decode(z.float()).float().clamp(0, 1).cpu()
+        images = rae.decode(z.float()).float()
+    if check_finite and not torch.isfinite(images).all():
+        raise NonFiniteSamples("images", indices)
+    return images.clamp(0, 1).cpu()
 
 
 def generate_indices(model: DiTDH, rae: RAE, labels: Tensor, indices: Sequence[int] | Tensor, settings: SampleSettings,

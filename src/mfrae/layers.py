@@ -22,6 +22,25 @@ def float32_region(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def strict_float32_region(device: torch.device):
+    """`float32_region`, and on CUDA also without TF32 in matmuls and cuDNN convolutions (PyTorch lets cuDNN
+    convolutions, e.g. the patch embedding, use TF32 by default: its 10-bit mantissa turns a finite difference
+    of two outputs 1e-2 apart into a 1e-2 relative error). For computations whose precision is the point, such
+    as the finite-difference stencil. The flags are process-wide and restored on exit."""
+    if device.type != "cuda":
+        with float32_region(device):
+            yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with float32_region(device):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 #################################################################################
 #                              Normalisation                                    #
 #################################################################################

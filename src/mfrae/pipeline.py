@@ -9,14 +9,14 @@ what they resolve and never write into the config they read.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from mfrae.checkpoint import load_latent_stats, load_vit_decoder
-from mfrae.config import apply_overrides, check_options, from_dict, read_preset
+from mfrae.config import Bounds, apply_overrides, check_options, from_dict, read_preset, split_preset
 from mfrae.data import DATASETS, build_dataset
 from mfrae.errors import ConfigError
 from mfrae.models.encoders import DINOV2_B_REG, ENCODERS, RepresentationEncoder, build_encoder
@@ -34,9 +34,9 @@ class DataConfig:
 
     kind: str = "folder"  # digits | folder | latents (a cache made by `mfrae cache`)
     options: dict = field(default_factory=dict)  # the dataset's constructor options (root, image_size, ...)
-    num_workers: int = 4
+    num_workers: Annotated[int, Bounds(ge=0)] = 4
     pin_memory: bool = True
-    prefetch_factor: int = 2
+    prefetch_factor: Annotated[int, Bounds(ge=1)] = 2
 
 
 @dataclass
@@ -50,7 +50,7 @@ class RAEConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: str | None = None  # trained decoder: our run dir / file, or a released model.pt
     stats: str | None = None  # latent statistics: stat.pt, our stats file, or a run dir of `mfrae stats`
-    noise_tau: float = 0.8  # decoder training only
+    noise_tau: Annotated[float, Bounds(ge=0)] = 0.8  # decoder training only
     noise_dist: Literal["uniform", "halfnormal"] = "uniform"
 
 
@@ -66,8 +66,7 @@ PIPELINE_SECTIONS = ("data", "rae")
 def load_pipeline_config(config: str, overrides: list[str] | None = None) -> PipelineConfig:
     """`data` + `rae` of a preset's `common` section (or of a one-stage file), with `key=value` overrides."""
     preset, source = read_preset(config)
-    staged = "common" in preset or "stages" in preset
-    base = (preset.get("common") or {}) if staged else preset
+    base, _ = split_preset(preset, source)
     data = {key: base[key] for key in PIPELINE_SECTIONS if key in base}
     data = apply_overrides(data, list(overrides or []))
     try:

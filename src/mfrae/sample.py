@@ -22,6 +22,15 @@ deals the missing shards out to the processes; rank 0 assembles `samples.npz` on
 `--resume` continues an interrupted run, whatever killed it: complete shards are kept as they are, damaged or
 half-written ones are redone, and the final files are those of an uninterrupted run.
 
+The output folder: a new run needs a folder without another run's outputs (plan.json, samples.npz, shards,
+images/*.png, ...), so that no stale image ends up beside the new ones; `--resume` continues the run whose
+plan.json is there (same settings only), `--overwrite` deletes that earlier run's files first (after the
+arguments, the weights and the statistics have been checked, so bad input never costs the earlier run).
+
+Checks: numeric options are finite and in range; weights and statistics must be finite; and every batch's
+latents and images are checked before anything is written from them, so NaN never becomes black images: a
+non-finite batch writes nothing, and a new (single-process) run stopped by one removes what it had written.
+
 Writes DIR/samples.npz (ADM layout: uint8 NHWC `arr_0`, int64 labels `arr_1`), DIR/images/NNNNNN.png and
 labels.txt (unless --no-png), DIR/grid.png (the first 64), DIR/shards/, DIR/plan.json and DIR/sampling.json
 (settings, seconds, images per second, decoding included).
@@ -44,20 +53,23 @@ from torch import Tensor
 
 from mfrae.checkpoint import load_dit_dh, load_latent_stats, load_vit_decoder
 from mfrae.config import from_dict
-from mfrae.distributed import DistInfo, gather_objects, init_distributed, shutdown_distributed
-from mfrae.eval.samples import from_uint8_nhwc, to_uint8_nhwc
+from mfrae.distributed import DistInfo, gather_objects, process_group
 from mfrae.fileio import atomic_write_text
-from mfrae.generation import (SampleSettings, batches, class_labels, generate, generate_batch, generate_indices,
-                              prefetched_noise)
-from mfrae.images import save_image_grid
+from mfrae.generation import (NonFiniteSamples, SampleSettings, batches, class_labels, generate, generate_batch,
+                              generate_indices, prefetched_noise)
+from mfrae.images import from_uint8_nhwc, save_image_grid, to_uint8_nhwc
 from mfrae.models.dit_dh import DiTDH
 from mfrae.models.rae import RAE
 from mfrae.pipeline import RAEConfig, build_rae_encoder
-from mfrae.sample_shards import ShardPlan, save_pngs, write_adm_npz
+from mfrae.sample_shards import SHARDS, ShardPlan, save_pngs, write_adm_npz
 from mfrae.train.runs import resolve_weights
 
 __all__ = ["SampleSettings", "class_labels", "generate", "generate_batch", "generate_indices", "add_arguments", "run"]
 PLAN_FILE = "plan.json"
+MAX_SEED = 2**32 - 1  # seed * 1_000_003 + index must fit a generator's 64-bit seed
+# What a run writes into --out: these files, and in these folders the files matching these patterns.
+_OUTPUT_FILES = (PLAN_FILE, "samples.npz", "grid.png", "sampling.json")
+_OUTPUT_FOLDERS = {SHARDS: ("shard_*.npz", ".*.partial"), "images": ("*.png", "labels.txt")}
 
 
 #################################################################################
@@ -107,15 +119,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone and the decoder")
     parser.add_argument("--no-png", action="store_true", help="skip the individual PNG files")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an earlier run's outputs in --out (samples, shards, images) and start anew")
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
+    """Every option's value, before any file is read or written; one line naming the option."""
     if args.grid is not None and args.steps is not None and args.steps != len(args.grid) - 1:
         raise ValueError(f"--steps {args.steps} contradicts --grid ({len(args.grid) - 1} jumps); give one of them")
     args.steps = len(args.grid) - 1 if args.grid is not None else (1 if args.steps is None else args.steps)
-    for name in ("steps", "num", "batch_size", "shard_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    options = vars(args)
+    for name, option in (("steps", "--steps"), ("num", "--num-samples"), ("batch_size", "--batch-size"),
+                         ("shard_size", "--shard-size")):
+        if options[name] < 1:
+            raise ValueError(f"{option} must be >= 1, got {options[name]}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+    for name in ("cfg_scale", "ag_scale"):
+        if not math.isfinite(options[name]):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {options[name]}")
+    if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
+        raise ValueError(f"--shift must be a finite number > 0, got {args.shift}")
+    t_min, t_max = args.cfg_interval
+    if not 0 <= t_min <= t_max <= 1:  # also refuses NaN, which fails every comparison
+        raise ValueError(f"--cfg-interval must be 0 <= T_MIN <= T_MAX <= 1, got {t_min} {t_max}")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite deletes it: give one of them")
 
 
 def _run_config(ckpt: str) -> dict:
@@ -143,6 +172,32 @@ class _Models:
     decoder: str
     stats: str | None
     shift: float | None  # the run's training shift, when known
+    files: dict[str, str]  # what was read: "weights", "weak", "decoder", "stats" -> resolved file
+
+    def non_finite_cause(self, err: NonFiniteSamples, args: argparse.Namespace) -> str:
+        """The one-line error for a non-finite batch, naming what can have produced it."""
+        if err.stage == "latents":
+            suspects = [f"the weights {self.files['weights']}"]
+            if "weak" in self.files:
+                suspects.append(f"the weak weights {self.files['weak']} (--ag-scale {args.ag_scale})")
+            if not self.model.is_meanflow and args.cfg_scale != 1.0:
+                suspects.append(f"--cfg-scale {args.cfg_scale}")
+            if args.bf16:
+                suspects.append("--bf16")
+        else:
+            suspects = [f"the decoder {self.files['decoder']}"]
+            if "stats" in self.files:
+                suspects.append(f"the latent stats {self.files['stats']}")
+            if args.decoder_bf16:
+                suspects.append("--decoder-bf16")
+        return f"{err}: check {', '.join(suspects)}; nothing was written from this batch"
+
+
+def _check_finite(module: torch.nn.Module, what: str, path: str) -> None:
+    """Refuse weights or statistics holding NaN or infinite values: they would sample black images."""
+    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{what} {path}: '{name}' holds NaN or infinite values")
 
 
 def _load_models(args: argparse.Namespace, device: torch.device) -> _Models:
@@ -152,34 +207,71 @@ def _load_models(args: argparse.Namespace, device: torch.device) -> _Models:
     if not decoder_spec:
         raise ValueError("no RAE decoder: pass --decoder (or sample from a run directory whose config names "
                          "rae.decoder)")
-    model = load_dit_dh(resolve_weights(args.ckpt)).to(device).eval()
+    files = {"weights": resolve_weights(args.ckpt), "decoder": resolve_weights(decoder_spec)}
+    model = load_dit_dh(files["weights"]).to(device).eval()
+    _check_finite(model, "weights", files["weights"])
     if args.grid is not None and not model.is_meanflow:
         raise ValueError("--grid is a MeanFlow time grid; a teacher samples on its shifted ODE grid (--steps, --shift)")
-    weak = load_dit_dh(resolve_weights(args.weak_ckpt), meanflow=False).to(device).eval() if args.weak_ckpt else None
-    decoder = load_vit_decoder(resolve_weights(decoder_spec))
-    stats = load_latent_stats(resolve_weights(stats_spec)) if stats_spec else None
-    rae = _decode_only_rae(run_rae, decoder, stats).to(device).eval()
+    weak = None
+    if args.weak_ckpt:
+        files["weak"] = resolve_weights(args.weak_ckpt)
+        weak = load_dit_dh(files["weak"], meanflow=False).to(device).eval()
+        _check_finite(weak, "weights", files["weak"])
+    decoder = load_vit_decoder(files["decoder"])
+    stats = None
+    if stats_spec:
+        files["stats"] = resolve_weights(stats_spec)
+        stats = load_latent_stats(files["stats"])
+    rae = _decode_only_rae(run_rae, decoder, stats).to(device).eval()  # moves `decoder` and `stats` in place
+    _check_finite(decoder, "decoder", files["decoder"])
+    if stats is not None:
+        _check_finite(stats, "latent stats", files["stats"])
     # A teacher samples on the time grid it was trained with, unless told otherwise.
     shift = (run_config.get("objective") or {}).get("shift")
-    return _Models(model, weak, rae, str(decoder_spec), str(stats_spec) if stats_spec else None, shift)
+    return _Models(model, weak, rae, str(decoder_spec), str(stats_spec) if stats_spec else None, shift, files)
 
 
-def _prepare_output(plan: ShardPlan, fingerprint: dict, resume: bool) -> None:
-    """Write DIR/plan.json for a new run; for --resume check that it describes the same images."""
+def _outputs(root: Path) -> list[Path]:
+    """The files in `root` that `mfrae sample` writes (or a killed run left), whichever run wrote them."""
+    found = [root / name for name in _OUTPUT_FILES if (root / name).is_file()]
+    for folder, patterns in _OUTPUT_FOLDERS.items():
+        found += sorted(p for pattern in patterns for p in (root / folder).glob(pattern) if p.is_file())
+    return found
+
+
+def _remove_outputs(root: Path) -> None:
+    for path in _outputs(root):
+        path.unlink()
+    for folder in _OUTPUT_FOLDERS:
+        if (root / folder).is_dir() and not any((root / folder).iterdir()):
+            (root / folder).rmdir()
+
+
+def _prepare_output(plan: ShardPlan, fingerprint: dict, resume: bool, overwrite: bool) -> bool:
+    """Write DIR/plan.json for a new run (True), or for --resume check that it describes the same images (False).
+
+    A new run refuses a folder holding another run's outputs unless `overwrite`, which deletes them first."""
     path = plan.root / PLAN_FILE
-    if path.is_file():
-        if not resume:
-            raise ValueError(f"{plan.root} holds an earlier sampling run: pass --resume to continue it, "
-                             "or another --out")
+    if path.is_file() and resume:
         before = json.loads(path.read_text())
         changed = sorted(k for k in {*before, *fingerprint} if before.get(k) != fingerprint.get(k))
         if changed:
             differences = ", ".join(f"{k} was {before.get(k)!r}, now {fingerprint.get(k)!r}" for k in changed)
             raise ValueError(f"--resume with other settings than {path}: {differences}")
         plan.remove_partial_files()
-        return
-    (plan.root / "shards").mkdir(parents=True, exist_ok=True)
+        return False
+    earlier = _outputs(plan.root)
+    if earlier and not overwrite:
+        if path.is_file():
+            raise ValueError(f"{plan.root} holds an earlier sampling run: pass --resume to continue it, "
+                             "--overwrite to replace it, or another --out")
+        what = "nothing to resume" if resume else "they would be mixed with the new samples"
+        raise ValueError(f"{plan.root} holds another run's outputs without a {PLAN_FILE} ({earlier[0]} and "
+                         f"{len(earlier) - 1} more; {what}): pass --overwrite to delete them, or another --out")
+    _remove_outputs(plan.root)
+    (plan.root / SHARDS).mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(fingerprint, indent=2))
+    return True
 
 
 def _on_main(info: DistInfo, fn, *fn_args):
@@ -198,11 +290,8 @@ def _on_main(info: DistInfo, fn, *fn_args):
 
 def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
-    info = init_distributed(args.device)
-    try:
+    with process_group(args.device) as info:
         return _sample(args, info)
-    finally:
-        shutdown_distributed()
 
 
 def _sample(args: argparse.Namespace, info: DistInfo) -> int:
@@ -225,7 +314,7 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> int:
     fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as read back from plan.json
     out = Path(args.out)
     plan = ShardPlan(out, args.num, args.shard_size)
-    _on_main(info, _prepare_output, plan, fingerprint, args.resume)
+    fresh = _on_main(info, _prepare_output, plan, fingerprint, args.resume, args.overwrite)
     missing = _on_main(info, plan.missing)
     mine = missing[info.rank :: info.world_size]
     if args.compile:
@@ -242,15 +331,22 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> int:
     def shard_batches(k: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for b in batches(plan.indices(k), args.batch_size):
             y = labels[b.start : b.stop]
-            images = generate_batch(model, rae, y, b, settings, args.seed, models.weak, device, next(noise))
+            images = generate_batch(model, rae, y, b, settings, args.seed, models.weak, device, next(noise),
+                                    check_finite=True)
             images = to_uint8_nhwc(images)
             if not args.no_png:
                 save_pngs(out / "images", images, b.start, args.num)
             bar.update(len(b))
             yield images, y.numpy()
 
-    for k in mine:
-        write_adm_npz(plan.path(k), len(plan.indices(k)), shard_batches(k))
+    try:
+        for k in mine:
+            write_adm_npz(plan.path(k), len(plan.indices(k)), shard_batches(k))
+    except NonFiniteSamples as err:
+        bar.close()
+        if fresh and info.world_size == 1:
+            _remove_outputs(out)  # a new run stopped by bad weights leaves no half run behind
+        raise ValueError(models.non_finite_cause(err, args)) from None
     bar.close()
     seconds = time.perf_counter() - start
     done = gather_objects(seconds, info)  # also the barrier before rank 0 assembles

@@ -53,14 +53,25 @@ def _write_header(fh, shape: tuple[int, ...], dtype: np.dtype) -> None:
 def write_adm_npz(path: Path, num: int, pieces: Iterable[tuple[np.ndarray, np.ndarray]]) -> Path:
     """Write `num` images given as (uint8 [n, H, W, 3], labels [n]) pieces to `path` as `arr_0` / `arr_1`.
 
-    Atomic (temporary name, fsync, rename); only one piece and the int64 labels are held in memory."""
+    Atomic (temporary name, fsync, rename); only one piece and the int64 labels are held in memory. When a piece
+    fails (e.g. non-finite samples), the temporary file is removed and an existing `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pieces = iter(pieces)
     first = next(pieces)
+    tmp = temp_path(path)
+    try:
+        _write_pieces(tmp, path, num, first, pieces)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return commit(tmp, path)
+
+
+def _write_pieces(tmp: Path, path: Path, num: int, first: tuple[np.ndarray, np.ndarray],
+                  pieces: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
     shape = (num, *first[0].shape[1:])
     labels, written = [], 0
-    tmp = temp_path(path)
     with open(tmp, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         with _member(archive, "arr_0") as member:
             _write_header(member, shape, np.uint8)
@@ -77,7 +88,6 @@ def write_adm_npz(path: Path, num: int, pieces: Iterable[tuple[np.ndarray, np.nd
             all_labels = np.concatenate(labels)
             _write_header(member, all_labels.shape, all_labels.dtype)
             member.write(memoryview(all_labels).cast("B"))
-    return commit(tmp, path)
 
 
 def npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -4,7 +4,9 @@
 
 accumulated exactly in float64 over the whole dataset (and over all processes under torchrun), so the result
 does not depend on batch size or order. (The official script keeps a momentum-0.1 running estimate instead,
-which the RAE authors note differs from run to run.) The file is what `rae.stats` expects.
+which the RAE authors note differs from run to run.) The file is what `rae.stats` expects; a .safetensors file
+also names the encoder (name and fingerprint), so an RAE with another encoder refuses it (the `.pt` output keeps
+the authors' two-tensor layout and names none). An existing file is never replaced without `--overwrite`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from mfrae.checkpoint import save_latent_stats
+from mfrae.errors import ConfigError
+from mfrae.fileio import commit, temp_path
 from mfrae.models.encoders import RepresentationEncoder, tokens_to_grid
 from mfrae.models.rae import LatentStats
 
@@ -53,7 +57,8 @@ def latent_statistics(
             dist.all_reduce(value)
     mean = sum_z / seen
     var = (sum_sq / seen - mean.square()).clamp_min(0)
-    return LatentStats(mean.float().cpu(), var.float().cpu())
+    return LatentStats(mean.float().cpu(), var.float().cpu(), encoder_name=encoder.name,
+                       encoder_fingerprint=encoder.fingerprint())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,27 +67,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help=f"output folder (writes {STATS_FILE}) or a .safetensors / .pt file")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-images", type=int, default=None, help="use only the first N images")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing statistics file")
 
 
 def run(args: argparse.Namespace) -> int:
-    from mfrae.distributed import init_distributed, shutdown_distributed
+    from mfrae.distributed import process_group
     from mfrae.pipeline import build_data, build_rae_encoder, load_pipeline_config
 
     cfg = load_pipeline_config(args.config, args.set)
     out = Path(args.out)
     path = out if out.suffix in (".safetensors", ".pt") else out / STATS_FILE
-    info = init_distributed()
-    try:
+    if path.exists() and not args.overwrite:  # checked before the (long) pass over the data
+        raise ConfigError(f"{path} exists (statistics other runs may use); pass --overwrite to replace it")
+    with process_group() as info:
         stats = latent_statistics(
             build_rae_encoder(cfg.rae), build_data(cfg.data), args.batch_size, info.device, cfg.data.num_workers,
             info.rank, info.world_size, args.max_images, progress=info.is_main,
         )
-    finally:
-        shutdown_distributed()
     if info.is_main:
-        if path.suffix == ".pt":  # the official stat.pt layout
+        if path.suffix == ".pt":  # the official stat.pt layout, written atomically like the safetensors file
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(stats.to_dict(), path)
+            tmp = temp_path(path)
+            torch.save(stats.to_dict(), tmp)
+            commit(tmp, path)
         else:
             save_latent_stats(stats, path)
         print(f"wrote {path}: latent shape {list(stats.shape)}, mean |mu| {stats.mean.abs().mean():.4f}, "

@@ -17,6 +17,9 @@ data, a missing file, `Image.DecompressionBombError`) and images larger than `Im
   `loader.bad_files` gathers them (see `mfrae.data.loader`).
 * `on_error="raise"`: a `DataError` naming the file and Pillow's message stops the run.
 
+16-bit grey images (Pillow mode "I;16" or "I") are scaled to 8 bits (`mfrae.images.rgb8`), not clipped as
+Pillow's `convert("RGB")` would clip them.
+
 Note: if `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` was set to True elsewhere, Pillow pads truncated files
 silently instead of raising, and they are no longer detected here.
 """
@@ -30,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
+
+from mfrae.images import rgb8
 
 from .common import BadFiles, DataError, EpochItems, Item, check_choice, check_positive_int, flip_coin
 from .transforms import center_crop_arr, uint8_to_tensor
@@ -82,13 +87,13 @@ def scan_image_folder(
 
 
 def decode_image(path: str, image_size: int) -> np.ndarray:
-    """Open `path` with Pillow, convert to RGB and ADM-center-crop it; raise UnreadableImage on any failure."""
+    """Open `path` with Pillow, convert to 8-bit RGB and ADM-center-crop it; raise UnreadableImage on any failure."""
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; treat it as a bad file too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                rgb = image.convert("RGB")  # forces the full decode, so truncation surfaces here
+                rgb = Image.fromarray(rgb8(image, path))  # forces the full decode, so truncation surfaces here
     except MemoryError:
         raise
     except Exception as exc:  # any decoder failure means this file is unusable, whatever its type

@@ -88,8 +88,16 @@ def read_index(cache_dir: str | os.PathLike) -> dict[str, Any]:
             raise DataError(f"latent cache index {path} lacks the key {key!r}")
     if index["dtype"] not in DTYPES:
         raise DataError(f"latent cache index {path}: dtype {index['dtype']!r} is not one of {', '.join(DTYPES)}")
-    if len(index["shards"]) != index["num_shards"]:
-        raise DataError(f"latent cache index {path}: 'shards' lists {len(index['shards'])} files, not num_shards")
+    if not isinstance(index["shards"], list) or len(index["shards"]) != index["num_shards"]:
+        raise DataError(f"latent cache index {path}: 'shards' must list num_shards={index['num_shards']!r} file names")
+    for entry in index["shards"]:
+        # Shards live in the cache directory itself: an index must not make mfrae read (or check) other files.
+        name = Path(entry) if isinstance(entry, str) else None
+        if name is None or name.is_absolute() or len(name.parts) != 1 or name.name in ("", ".", ".."):
+            raise DataError(f"latent cache index {path}: shard entry {entry!r} is not a file name inside the cache")
+    num_classes = index.get("num_classes")
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1):
+        raise DataError(f"latent cache index {path}: num_classes must be a positive integer or null, got {num_classes!r}")
     return index
 
 
@@ -364,7 +372,23 @@ class LatentDataset(EpochItems, Dataset):
             with safe_open(str(path), framework="pt") as f:
                 labels.append(f.get_tensor("labels"))
         self.labels = torch.cat(labels)
+        self._check_labels(index_path)
         self._handles: dict[int, Any] = {}
+
+    def _check_labels(self, index_path: Path) -> None:
+        """Refuse a label outside [0, num_classes) now, naming the cache, instead of an indexing crash in training."""
+        if not len(self.labels):
+            return
+        limit = self.num_classes
+        bad = (self.labels < 0) | (self.labels >= limit) if limit is not None else self.labels < 0
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            k, row = divmod(i, self.shard_size)
+            allowed = f"[0, {limit})" if limit is not None else ">= 0"
+            raise DataError(
+                f"latent cache {self.cache_dir}: item {i} ({self._paths[k].name}, row {row}) has label "
+                f"{int(self.labels[i])}, outside {allowed} (num_classes in {index_path})"
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -14,11 +14,19 @@ With `--features inception` (the default) the result holds `fid`, `sfid`, `incep
 `recall` (the protocol: docs/evaluation.md). With a stats file only the Fréchet distances can be computed:
 precision / recall need the features themselves, and the output says they were skipped. Class accuracy is
 reported when the samples carry labels and the chosen extractor also classifies.
+
+Checks before anything is computed or written: every numeric option is positive; each input is readable (an
+empty, truncated or renamed file is named with what is wrong); samples and reference have the same image
+resolution wherever both are known (images, or stats files written by `--save-*-stats`, which record it; other
+stats files carry none, and a note says the resolution was not checked); no output path is one of the inputs.
+After feature extraction: sample labels outside the classifier's classes are refused. Output files are written
+last, each atomically, so a failed evaluation leaves none behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -33,7 +41,7 @@ from mfrae.eval.features import (
     default_device,
 )
 from mfrae.eval.metrics import IS_SPLIT_SIZE, FeatureStats, class_accuracy, inception_score, precision_recall, sfid
-from mfrae.eval.samples import ImageStream, load_images, open_images, save_adm_npz
+from mfrae.eval.samples import ImageStream, load_images, npz_keys, open_images, save_adm_npz
 
 PRECOMPUTED, FROM_IMAGES = "precomputed", "images"
 
@@ -69,14 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _npz_keys(path: Path) -> set[str]:
-    """The member names of an .npz (empty for a folder or anything unreadable: the image loader reports it)."""
-    if not path.is_file():
-        return set()
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return set(getattr(data, "files", ()))
-    except (OSError, ValueError):
-        return set()
+    """The member names of an .npz file (empty for a folder or a missing path: the image loader reports those);
+    an unreadable file is refused here, naming it and what is wrong."""
+    return set(npz_keys(path)) if path.is_file() else set()
 
 
 class _Side:
@@ -90,12 +93,16 @@ class _Side:
         self.role = role
         keys = _npz_keys(self.path)
         has_stats = {"mu", "sigma"} <= keys
+        if keys and not has_stats and "arr_0" not in keys:
+            raise ValueError(f"{role} {self.path} holds neither images ('arr_0') nor feature statistics ('mu', "
+                             f"'sigma'); its keys: {sorted(keys)}")
         self.stream: ImageStream | None = None if has_stats and "arr_0" not in keys else open_images(self.path)
         self.stats: FeatureStats | None = None
         self.spatial: FeatureStats | None = None
         self.stats_source: str | None = None
         self.features: np.ndarray | None = None
         self.predictions: np.ndarray | None = None
+        self.num_classes: int | None = None
         self.score_logits: np.ndarray | None = None
         if has_stats and not (use_images and self.stream is not None):
             self.stats = FeatureStats.load(self.path)
@@ -111,12 +118,21 @@ class _Side:
             return
         out = extractor.extract(self.stream, progress=f"{self.role} features" if progress else None)
         self.features, self.predictions, self.score_logits = out.features, out.predictions, out.score_logits
+        self.num_classes = out.num_classes
         if self.features.shape[0] < 2:
             raise ValueError(f"{self.role} {self.path}: need at least 2 images, got {self.features.shape[0]}")
         if self.stats_source != PRECOMPUTED:
-            self.stats = FeatureStats.from_features(self.features, name=name)
+            stats = FeatureStats.from_features(self.features, name=name)
+            self.stats = dataclasses.replace(stats, image_size=self.stream.size)  # recorded by --save-*-stats
             self.spatial = out.spatial
             self.stats_source = FROM_IMAGES
+
+    @property
+    def resolution(self) -> tuple[int, int] | None:
+        """(H, W) of the images, or the one a stats file records (None: unknown)."""
+        if self.stream is not None:
+            return self.stream.size
+        return self.stats.image_size if self.stats is not None else None
 
     @property
     def count(self) -> int:
@@ -174,28 +190,64 @@ def _print_text(result: dict[str, object], notes: list[str]) -> None:
             print(f"{key}: {value}")
 
 
-def run(args: argparse.Namespace) -> int:
+def _check_options(args: argparse.Namespace) -> None:
     if not args.samples and not args.reference:
         raise ValueError("give --samples and/or --reference")
-    if args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}")
-    if args.is_split_size < 1:
-        raise ValueError(f"--is-split-size must be >= 1, got {args.is_split_size}")
+    options = vars(args)
+    for name in ("batch_size", "k", "is_split_size", "encoder_image_size", "pixels_size"):
+        if options[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {options[name]}")
+    inputs = {Path(p).resolve() for p in (args.samples, args.reference) if p}
+    for option in ("export_adm", "save_reference_stats", "save_sample_stats"):
+        if options[option] and Path(options[option]).resolve() in inputs:
+            raise ValueError(f"--{option.replace('_', '-')} {options[option]} is one of the inputs; "
+                             "writing it would replace that file")
+
+
+def _check_pair(samples: _Side, reference: _Side, args: argparse.Namespace, notes: list[str]) -> None:
+    """The same image resolution on both sides where both are known, and more images than --k on each."""
+    s_size, r_size = samples.resolution, reference.resolution
+    if s_size is not None and r_size is not None and s_size != r_size:
+        raise ValueError(f"resolution mismatch: samples {samples.path} are {s_size[0]}x{s_size[1]} images, "
+                         f"reference {reference.path} is {r_size[0]}x{r_size[1]}; score samples against a "
+                         "reference of their own resolution")
+    for side, size in ((samples, s_size), (reference, r_size)):
+        if size is None:
+            notes.append(f"resolution not checked: {side.role} {side.path} holds statistics without an image size")
+    if samples.stream is None or reference.stream is None:
+        return  # no precision / recall: --k is not used
+    for side in (samples, reference):
+        if side.count <= args.k:
+            raise ValueError(f"--k {args.k}: precision / recall need more than k images, and {side.role} "
+                             f"{side.path} has {side.count}")
+
+
+def _check_labels_in_range(samples: _Side, labels: np.ndarray, features: str) -> None:
+    """Labels the classifier cannot predict would silently count as misses."""
+    k = samples.num_classes
+    assert k is not None
+    bad = labels[(labels < 0) | (labels >= k)]
+    if bad.size:
+        raise ValueError(f"samples {samples.path}: label {int(bad[0])} is outside the {k} classes (0..{k - 1}) of "
+                         f"the '{features}' classifier ({bad.size} of {labels.size} labels are)")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_options(args)
     samples = _Side(args.samples, "samples", args.features, use_images=True) if args.samples else None
     reference = _Side(args.reference, "reference", args.features, use_images=args.reference_images) \
         if args.reference else None
     if args.reference_images and (reference is None or reference.stream is None):
         raise ValueError("--reference-images needs --reference to hold images (an .npz with arr_0 or a folder)")
-
-    if args.export_adm:
-        if samples is None or samples.stream is None:
-            raise ValueError("--export-adm needs --samples to be images (an .npz with arr_0 or an image folder)")
-        images = load_images(samples.path)
-        save_adm_npz(args.export_adm, images.images, images.labels)
+    if args.export_adm and (samples is None or samples.stream is None):
+        raise ValueError("--export-adm needs --samples to be images (an .npz with arr_0 or an image folder)")
     if args.save_reference_stats and reference is None:
         raise ValueError("--save-reference-stats needs --reference")
     if args.save_sample_stats and (samples is None or samples.stream is None):
         raise ValueError("--save-sample-stats needs --samples to be images")
+    notes: list[str] = []
+    if samples is not None and reference is not None:
+        _check_pair(samples, reference, args, notes)
 
     # Features are needed for metrics (both inputs given) or for writing stats; a bare export needs none.
     sides = [s for s in (samples, reference) if s is not None]
@@ -207,13 +259,8 @@ def run(args: argparse.Namespace) -> int:
         extractor = build_feature_extractor(args.features, options)
         for side in sides:
             side.compute(extractor, args.features, progress=not args.no_progress)
-    if args.save_reference_stats:
-        reference.stats.save(args.save_reference_stats, spatial=reference.spatial)  # type: ignore[union-attr]
-    if args.save_sample_stats:
-        samples.stats.save(args.save_sample_stats, spatial=samples.spatial)  # type: ignore[union-attr]
 
     result: dict[str, object] = {"features": args.features}
-    notes: list[str] = []
     if samples is not None:
         result["num_samples"] = samples.count
     if reference is not None:
@@ -230,9 +277,18 @@ def run(args: argparse.Namespace) -> int:
         notes.append("inception_score skipped: it needs the sample images, and a stats file has none")
     labels = samples.stream.labels if samples is not None and samples.stream is not None else None
     if samples is not None and samples.predictions is not None and labels is not None:
+        _check_labels_in_range(samples, labels, args.features)
         result["class_accuracy"] = class_accuracy(samples.predictions, labels)
+
+    # Everything is computed: only now write the requested files (each atomically).
     if args.export_adm:
+        images = load_images(samples.path)  # type: ignore[union-attr]
+        save_adm_npz(args.export_adm, images.images, images.labels)
         result["exported_adm"] = str(args.export_adm)
+    if args.save_reference_stats:
+        reference.stats.save(args.save_reference_stats, spatial=reference.spatial)  # type: ignore[union-attr]
+    if args.save_sample_stats:
+        samples.stats.save(args.save_sample_stats, spatial=samples.spatial)  # type: ignore[union-attr]
     if notes:
         result["notes"] = notes
 

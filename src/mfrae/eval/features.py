@@ -68,6 +68,7 @@ class Extracted(NamedTuple):
     predictions: np.ndarray | None  # int64 [N] argmax of the class logits, when the extractor classifies
     score_logits: np.ndarray | None = None  # float32 [N, K] Inception Score logits, when the extractor has them
     spatial: FeatureStats | None = None  # mean / covariance of the sFID features, when the extractor has them
+    num_classes: int | None = None  # K of the class logits [B, K]: `predictions` lie in [0, K)
 
 
 def _unpack(name: str, out: Tensor | tuple[Tensor, Tensor] | Mapping[str, Tensor], batch: int) -> dict[str, Tensor]:
@@ -109,6 +110,7 @@ class FeatureExtractor:
             images, source=f"features '{self.name}'")
         collected: dict[str, list[np.ndarray]] = {"features": [], "predictions": [], "score_logits": []}
         spatial = RunningStats()
+        num_classes = None
         with torch.inference_mode(), tqdm(total=stream.count, desc=progress, unit="img", disable=progress is None,
                                           dynamic_ncols=True) as bar:
             for batch in stream.batches(self.batch_size):
@@ -116,6 +118,7 @@ class FeatureExtractor:
                 collected["features"].append(parts["features"].double().cpu().numpy())
                 if "logits" in parts:
                     collected["predictions"].append(parts["logits"].argmax(dim=1).cpu().numpy().astype(np.int64))
+                    num_classes = int(parts["logits"].shape[1])
                 if "score_logits" in parts:
                     collected["score_logits"].append(parts["score_logits"].float().cpu().numpy())
                 if "spatial" in parts:
@@ -124,7 +127,8 @@ class FeatureExtractor:
         predictions, score_logits = (np.concatenate(collected[k]) if collected[k] else None
                                      for k in ("predictions", "score_logits"))
         return Extracted(features=np.concatenate(collected["features"]), predictions=predictions,
-                         score_logits=score_logits, spatial=spatial.stats(self.name) if spatial.n >= 2 else None)
+                         score_logits=score_logits, spatial=spatial.stats(self.name) if spatial.n >= 2 else None,
+                         num_classes=num_classes)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.extract(images).features

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -21,6 +22,9 @@ from typing import NamedTuple
 import numpy as np
 import scipy.linalg
 import scipy.special
+
+from mfrae.eval.samples import npz_keys
+from mfrae.fileio import commit, temp_path
 
 # Diagonal offset added to both covariances when sqrtm(S1 S2) fails on a (near-)singular product.
 SQRTM_EPS = 1e-6
@@ -96,14 +100,17 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 @dataclass(frozen=True)
 class FeatureStats:
-    """Mean, covariance and sample count of a feature set; `features` names the extractor (may be empty).
+    """Mean, covariance and sample count of a feature set; `features` names the extractor (may be empty) and
+    `image_size` the (H, W) of the images (None: unknown).
 
-    Saved as an .npz with keys `mu` [D], `sigma` [D, D], `n` (scalar) and `features` (string)."""
+    Saved as an .npz with keys `mu` [D], `sigma` [D, D], `n` (scalar), `features` (string) and, when known,
+    `image_size` (int64 [2]), so that `mfrae eval` can refuse samples of another resolution."""
 
     mu: np.ndarray
     sigma: np.ndarray
     n: int
     features: str = ""
+    image_size: tuple[int, int] | None = None
 
     @classmethod
     def from_features(cls, features: np.ndarray, name: str = "") -> FeatureStats:
@@ -124,11 +131,17 @@ class FeatureStats:
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"mu": self.mu, "sigma": self.sigma, "n": np.int64(self.n), "features": np.str_(self.features)}
+        if self.image_size is not None:
+            arrays["image_size"] = np.asarray(self.image_size, dtype=np.int64)
         if spatial is not None:
             arrays.update(mu_s=spatial.mu, sigma_s=spatial.sigma)
-        with open(out, "wb") as fh:  # a file handle keeps numpy from appending ".npz"
-            np.savez(fh, **arrays)
-        return out
+        tmp = temp_path(out)
+        try:
+            with open(tmp, "wb") as fh:  # a file handle keeps numpy from appending ".npz"
+                np.savez(fh, **arrays)
+            return commit(tmp, out)  # atomic: an existing file is replaced only by a complete one
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], suffix: str = "") -> FeatureStats:
@@ -137,18 +150,22 @@ class FeatureStats:
         src = Path(path)
         if not src.is_file():
             raise FileNotFoundError(f"feature stats file not found: {src}")
+        mu_key, sigma_key = f"mu{suffix}", f"sigma{suffix}"
+        npz_keys(src)  # an empty file, another format or a damaged archive: named with what it is
         try:
-            data = np.load(src, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read feature stats {src} as .npz: {err}") from err
-        with data:
-            mu_key, sigma_key = f"mu{suffix}", f"sigma{suffix}"
-            missing = [key for key in (mu_key, sigma_key) if key not in data.files]
-            if missing:
-                raise ValueError(f"feature stats {src} lacks key(s) {missing} (has {sorted(data.files)})")
-            mu, sigma = data[mu_key], data[sigma_key]
-            n = int(data["n"]) if "n" in data.files else 0
-            name = str(data["features"]) if "features" in data.files else ""
+            with np.load(src, allow_pickle=False) as data:
+                keys = set(data.files)
+                arrays = {key: data[key] for key in (mu_key, sigma_key, "n", "features", "image_size") if key in keys}
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:  # a damaged member
+            raise ValueError(f"cannot read feature stats {src} ({type(err).__name__}: {err})") from err
+        missing = [key for key in (mu_key, sigma_key) if key not in keys]
+        if missing:
+            raise ValueError(f"feature stats {src} lacks key(s) {missing} (has {sorted(keys)})")
+        mu, sigma, size = arrays[mu_key], arrays[sigma_key], arrays.get("image_size")
+        n = int(arrays["n"]) if "n" in arrays else 0
+        name = str(arrays["features"]) if "features" in arrays else ""
+        if size is not None and not (size.shape == (2,) and np.issubdtype(size.dtype, np.integer) and (size > 0).all()):
+            raise ValueError(f"feature stats {src}: 'image_size' must be two positive integers (H, W), got {size!r}")
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise ValueError(f"feature stats {src}: '{mu_key}' has shape {mu.shape} and '{sigma_key}' {sigma.shape}; "
                              f"expected (D,) and (D, D)")
@@ -157,7 +174,8 @@ class FeatureStats:
                              f"got {mu.dtype}/{sigma.dtype}")
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
             raise ValueError(f"feature stats {src}: 'mu' or 'sigma' contains NaN or infinite values")
-        return cls(mu=mu.astype(np.float64), sigma=sigma.astype(np.float64), n=n, features=name)
+        return cls(mu=mu.astype(np.float64), sigma=sigma.astype(np.float64), n=n, features=name,
+                   image_size=None if size is None else (int(size[0]), int(size[1])))
 
 
 class RunningStats:

@@ -3,8 +3,11 @@ everything between, optionally weighted by the improved training scheme of arXiv
 
 Every objective is a small callable with one interface (EDM style):
 
-    loss = objective(net, x, y, step)     # per-sample losses, shape [B] ([P] pairs for CMT)
+    loss = objective(net, x, y, step, part)   # per-sample losses, shape [B] ([P] pairs for CMT)
     loss.mean().backward()
+
+(`part`, default the whole batch: which micro-batch of the optimizer step (x, y) is; only MeanFlow's
+"prefix" row layout reads it.)
 
 `net` is the model being trained: a velocity model `net(z, t, y)` for flow matching, an average-velocity
 model `net(z, t, y, r=r)` otherwise (r omitted means r = t). Frozen models (the teacher) are attributes of
@@ -29,9 +32,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mfrae.distributed import WHOLE_BATCH, BatchPart, plain_module
 from mfrae.flow.paths import PairSampler, TimeDistribution, interpolate, one_point_velocity, unsqueeze_like
 from mfrae.flow.samplers import ODE_METHODS, ode_grid, solve_ode
-from mfrae.layers import float32_region
+from mfrae.layers import strict_float32_region
 
 Model = Callable[..., Tensor]
 
@@ -196,14 +200,14 @@ def finite_difference_derivative(
 
     Both perturbed evaluations run as one no-grad batch, so they store no activations. Times are not
     clamped (t + d may exceed 1), as in the official code. The stencil always runs in float32, whatever
-    the caller's autocast: in bf16 the difference of two outputs 1e-2 apart is mostly rounding
-    (20-40 % error on du/dt, docs/benchmarks.md).
+    the caller's autocast, and without TF32 on CUDA (`strict_float32_region`): in bf16 the difference of two
+    outputs 1e-2 apart is mostly rounding (20-40 % error on du/dt, docs/benchmarks.md), in TF32 ~1e-2.
     """
     if not step > 0:
         raise ValueError(f"finite-difference step must be > 0, got {step!r}")
     n = z.shape[0]
     z, direction = z.float(), direction.float()
-    with torch.no_grad(), float32_region(z.device):
+    with torch.no_grad(), strict_float32_region(z.device):
         dz = step * direction
         u_pm = net(torch.cat([z + dz, z - dz]), torch.cat([t + step, t - step]), torch.cat([y, y]),
                    r=torch.cat([r, r])).float()
@@ -232,45 +236,29 @@ def jvp_with_primal(net: Model, z: Tensor, t: Tensor, r: Tensor, y: Tensor, dire
 class GapRows:
     """The rows of a batch whose pair has r != t: the only rows whose target needs du/dt.
 
-    `index` selects them and `rest` the r = t rows. With the pair sampler's "prefix" layout they are static
-    slices (no host-device sync, one shape for torch.compile); with the "random" layout they are indices found
-    in the data (`nonzero`, one host sync on GPU). An empty or a full selection is a slice either way.
+    `index` selects them. With the pair sampler's "prefix" layout it is a static slice (no host-device sync,
+    a fixed shape for torch.compile); with the "random" layout the indices are found in the data (`nonzero`,
+    one host sync on GPU). An empty or a full selection is a slice either way.
     """
 
     index: slice | Tensor
-    rest: slice | Tensor
     count: int
     size: int
 
     @classmethod
     def leading(cls, size: int, count: int) -> GapRows:
         """The first `count` of `size` rows."""
-        return cls(slice(0, count), slice(count, None), count, size)
+        return cls(slice(0, count), count, size)
 
     @classmethod
     def find(cls, t: Tensor, r: Tensor) -> GapRows:
         """The rows with r != t, wherever they are."""
-        gap = r != t
-        index, rest = gap.nonzero().squeeze(1), (~gap).nonzero().squeeze(1)
+        index = (r != t).nonzero().squeeze(1)
         count, size = index.numel(), t.shape[0]
-        return cls.leading(size, count) if count in (0, size) else cls(index, rest, count, size)
+        return cls.leading(size, count) if count in (0, size) else cls(index, count, size)
 
     def take(self, *tensors: Tensor) -> list[Tensor]:
         return [x[self.index] for x in tensors]
-
-    def take_rest(self, *tensors: Tensor) -> list[Tensor]:
-        return [x[self.rest] for x in tensors]
-
-    def merge(self, on_gap: Tensor | None, on_rest: Tensor | None) -> Tensor:
-        """Rows computed separately on the two subsets, back in batch order (either may be None when empty)."""
-        if self.count == 0:
-            return on_rest
-        if self.count == self.size:
-            return on_gap
-        merged = torch.cat([on_gap, on_rest])
-        if isinstance(self.index, slice):
-            return merged
-        return merged[torch.argsort(torch.cat([self.index, self.rest]))]
 
 
 class TimeDerivative:
@@ -310,16 +298,22 @@ class FiniteDifference(TimeDerivative):
 
 @dataclass(frozen=True)
 class JVP(TimeDerivative):
-    """MeanFlow's method: exact forward-mode AD (`jvp_with_primal`) on the r != t rows, whose primal is their
-    prediction; a plain forward of the r = t rows."""
+    """MeanFlow's method: exact forward-mode AD (`jvp_with_primal`) for du/dt on the r != t rows, and one
+    autograd forward of the whole batch for the prediction.
+
+    The JVP runs without autograd on the network inside its DDP / torch.compile wrappers (`plain_module`):
+    torch.func.jvp does not go through DistributedDataParallel, and DDP must see exactly one autograd forward
+    per backward, the prediction's, whose gradients it then reduces. Its primal (the prediction of the r != t
+    rows, again) is dropped; the cost is that one extra no-grad forward of those rows, and no autograd graph
+    of the tangent computation is kept."""
 
     def __call__(self, net, z, t, r, y, w, rows):
-        u_gap, dudt = jvp_with_primal(net, *rows.take(z, t, r, y, w)) if rows.count else (None, None)
-        u_rest = None
-        if rows.count < rows.size:
-            z_rest, t_rest, r_rest, y_rest = rows.take_rest(z, t, r, y)
-            u_rest = net(z_rest, t_rest, y_rest, r=r_rest)
-        return rows.merge(u_gap, u_rest), dudt
+        u = net(z, t, y, r=r)
+        dudt = None
+        if rows.count:
+            with torch.no_grad():
+                _, dudt = jvp_with_primal(plain_module(net), *rows.take(z, t, r, y, w))
+        return u, dudt
 
 
 @dataclass(frozen=True)
@@ -389,7 +383,7 @@ class FlowMatchingLoss:
         self.reduction = _check_reduction(reduction)
         self.null_class = _check_null_class(null_class, "label dropout" if label_dropout > 0 else None)
 
-    def __call__(self, net: Model, x: Tensor, y: Tensor, step: int = 0) -> Tensor:
+    def __call__(self, net: Model, x: Tensor, y: Tensor, step: int = 0, part: BatchPart = WHOLE_BATCH) -> Tensor:
         _check_batch(x, y)
         y = drop_labels(y, self.label_dropout, self.null_class)
         t = self.time.sample(x.shape[0], self.shift, x.device)
@@ -510,7 +504,7 @@ class CMTLoss:
         states = self.trajectory(torch.randn_like(x), y)
         return trajectory_pairs(states, self.label_times, y, self.pairs_per_trajectory * x.shape[0])
 
-    def __call__(self, net: Model, x: Tensor, y: Tensor, step: int = 0) -> Tensor:
+    def __call__(self, net: Model, x: Tensor, y: Tensor, step: int = 0, part: BatchPart = WHOLE_BATCH) -> Tensor:
         p = self.pairs(x, y)
         u = net(p.z, p.t, p.y, r=p.r)
         return per_sample((u - p.target).square(), self.reduction)
@@ -692,15 +686,15 @@ class MeanFlowLoss:
 
     # -- the objective ---------------------------------------------------------------------------
 
-    def __call__(self, net: Model, x: Tensor, y: Tensor, step: int = 0) -> Tensor:
+    def __call__(self, net: Model, x: Tensor, y: Tensor, step: int = 0, part: BatchPart = WHOLE_BATCH) -> Tensor:
         _check_batch(x, y)
         y = drop_labels(y, self.label_dropout, self.null_class)  # once per sample, before every call
-        t, r = self.pairs.sample(x.shape[0], x.device)  # r <= t
+        t, r = self.pairs.sample(x.shape[0], x.device, part)  # r <= t
         noise = torch.randn_like(x)
         z = interpolate(x, noise, t)  # z_t = (1 - t) x + t e
         w = mixed_velocity(one_point_velocity(x, noise), self.teacher_velocity(z, t, y), self.teacher_mix)
         w = self.guided_velocity(net, w, z, t, y)  # v_tilde (MeanFlow Eq. 19); w without guidance
-        u, u_tgt = self.prediction_and_target(net, z, t, r, y, w)  # u_tgt = sg(w - (t - r) du/dt)
+        u, u_tgt = self.prediction_and_target(net, z, t, r, y, w, self.gap_rows(t, r, part))  # sg(w - (t - r) du/dt)
         loss = adaptive_weighting(per_sample((u - u_tgt).square(), "sum"), self.adaptive_p, self.adaptive_c,
                                   self.adaptive_squared)
         return loss if self.schedule is None else loss * self.row_weights(t, r, step).to(loss.dtype)
@@ -729,9 +723,10 @@ class MeanFlowLoss:
         guided = g.omega * w + g.kappa * u_cond + (1.0 - g.omega - g.kappa) * u_null
         return torch.where(unsqueeze_like(active, w).bool(), guided, w)
 
-    def gap_rows(self, t: Tensor, r: Tensor) -> GapRows:
-        """The r != t rows as the pair sampler lays them out: a leading slice ("prefix") or found ("random")."""
-        count = self.pairs.num_gap_rows(t.shape[0])
+    def gap_rows(self, t: Tensor, r: Tensor, part: BatchPart = WHOLE_BATCH) -> GapRows:
+        """The r != t rows as the pair sampler lays them out in micro-batch `part`: a leading slice ("prefix")
+        or found ("random")."""
+        count = self.pairs.num_gap_rows(t.shape[0], part)
         return GapRows.find(t, r) if count is None else GapRows.leading(t.shape[0], count)
 
     def prediction_and_target(self, net: Model, z: Tensor, t: Tensor, r: Tensor, y: Tensor, w: Tensor,

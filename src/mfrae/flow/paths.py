@@ -29,6 +29,8 @@ import torch
 from scipy import special
 from torch import Tensor
 
+from mfrae.distributed import WHOLE_BATCH, BatchPart
+
 TimeKind = Literal["uniform", "logit_normal"]
 TIME_KINDS: tuple[str, ...] = ("uniform", "logit_normal")
 
@@ -193,9 +195,14 @@ class PairSampler:
     official samplers. Which rows keep r != t (`layout`):
       "random": each row independently with probability `fraction_r_neq_t` (an iid mask, as the PyTorch ports
                 and MF-RAE);
-      "prefix": exactly the first round(fraction_r_neq_t * n) rows (the layout of the official JAX MeanFlow;
-                the batch order is random already). The subset is then a static slice: no host-device sync,
-                one shape for torch.compile.
+      "prefix": exactly k = round(fraction_r_neq_t * G) rows of each optimizer step's global batch of G rows,
+                spread over its micro-batches (`BatchPart`s: processes x accumulation) as evenly as whole rows
+                allow, and placed first in each micro-batch (the batch order is random already). The count of
+                a micro-batch is then fixed per part, so the subset is a static slice: no host-device sync and
+                at most two shapes for torch.compile. The realised fraction of a step is the configured one
+                to within half a row at any micro-batch size. (The official JAX MeanFlow also uses a fixed
+                count, int(fraction * n) rows of each device's batch, put last; with small per-device batches
+                that count rounds down to zero.)
     """
 
     time: TimeDistribution = TimeDistribution()
@@ -213,17 +220,38 @@ class PairSampler:
         if self.layout not in ("random", "prefix"):
             raise ValueError(f"PairSampler.layout must be 'random' or 'prefix', got {self.layout!r}")
 
-    def num_gap_rows(self, n: int) -> int | None:
-        """With layout="prefix", how many leading rows of a batch of n have r != t; None for "random"."""
-        return round(self.fraction_r_neq_t * n) if self.layout == "prefix" else None
+    def step_gap_rows(self, step_rows: int) -> int:
+        """With layout="prefix": how many of an optimizer step's `step_rows` rows have r != t."""
+        return round(self.fraction_r_neq_t * step_rows)
 
-    def sample(self, n: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-        """Returns (t, r), float32 [n] each, with r <= t."""
+    def check_step_rows(self, step_rows: int) -> None:
+        """Refuse a "prefix" step of `step_rows` rows whose r != t count misses the configured fraction
+        entirely: no r != t row although the fraction is > 0, or no r = t row although it is < 1."""
+        if self.layout != "prefix":
+            return
+        k = self.step_gap_rows(step_rows)
+        if (k == 0 and self.fraction_r_neq_t > 0) or (k == step_rows and self.fraction_r_neq_t < 1):
+            raise ValueError(
+                f"fraction_r_neq_t={self.fraction_r_neq_t} of a step of {step_rows} rows gives {k} rows with "
+                f"r != t: the layout 'prefix' cannot reach it (use more rows per step or the 'random' layout)")
+
+    def num_gap_rows(self, n: int, part: BatchPart = WHOLE_BATCH) -> int | None:
+        """With layout="prefix", how many leading rows of micro-batch `part` (n rows; every part of the step
+        has n) have r != t; None for "random". Over the parts of a step the counts sum to `step_gap_rows`."""
+        if self.layout != "prefix":
+            return None
+        self.check_step_rows(n * part.count)
+        k = self.step_gap_rows(n * part.count)
+        return k // part.count + (1 if part.index < k % part.count else 0)
+
+    def sample(self, n: int, device: torch.device | str | None = None,
+               part: BatchPart = WHOLE_BATCH) -> tuple[Tensor, Tensor]:
+        """Returns (t, r), float32 [n] each, with r <= t; `part` places the micro-batch in its step ("prefix")."""
         a = self.time.sample(n, self.shift, device)
         b = self.time.sample(n, self.shift, device)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
         if self.layout == "prefix":
-            keep_gap = torch.arange(n, device=device) < self.num_gap_rows(n)
+            keep_gap = torch.arange(n, device=device) < self.num_gap_rows(n, part)
         else:
             keep_gap = torch.rand(n, device=device) < self.fraction_r_neq_t
         return t, torch.where(keep_gap, r, t)

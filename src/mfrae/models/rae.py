@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from mfrae.errors import CheckpointError
 from mfrae.models.encoders import IMAGENET_MEAN, IMAGENET_STD, RepresentationEncoder, grid_to_tokens, tokens_to_grid
 from mfrae.models.vit_decoder import ViTDecoder
 
@@ -38,15 +39,23 @@ def noise_tokens(tokens: Tensor, tau: float, dist: str = "uniform") -> Tensor:
 
 
 class LatentStats(nn.Module):
-    """Per-element latent statistics {mean, var} of shape [C, g, g]: z_norm = (z - mean) / sqrt(var + eps)."""
+    """Per-element latent statistics {mean, var} of shape [C, g, g]: z_norm = (z - mean) / sqrt(var + eps).
 
-    def __init__(self, mean: Tensor, var: Tensor, eps: float = 1e-5):
+    `encoder_name` / `encoder_fingerprint` name the encoder whose latents they describe (None: unknown, as for
+    the authors' `stat.pt`), `source` the file they were read from; an RAE refuses them with another encoder.
+    """
+
+    def __init__(
+        self, mean: Tensor, var: Tensor, eps: float = 1e-5, encoder_name: str | None = None,
+        encoder_fingerprint: str | None = None, source: str | None = None,
+    ):
         super().__init__()
         if mean.shape != var.shape or mean.dim() != 3:
             raise ValueError(f"latent stats need mean and var of one shape [C, H, W], got {tuple(mean.shape)} and {tuple(var.shape)}")
         if (var < 0).any():
             raise ValueError("latent stats hold a negative variance")
         self.eps = eps
+        self.encoder_name, self.encoder_fingerprint, self.source = encoder_name, encoder_fingerprint, source
         self.register_buffer("mean", mean.float().clone())
         self.register_buffer("var", var.float().clone())
 
@@ -63,6 +72,19 @@ class LatentStats(nn.Module):
     def to_dict(self) -> dict[str, Tensor]:
         """The official `stat.pt` layout."""
         return {"mean": self.mean.detach().cpu(), "var": self.var.detach().cpu()}
+
+    def check_encoder(self, encoder: RepresentationEncoder) -> None:
+        """CheckpointError naming the file and both encoders when these statistics belong to another encoder;
+        statistics that name no encoder (the authors' `stat.pt`) are accepted as they are."""
+        if self.encoder_fingerprint is None:
+            return
+        found = encoder.fingerprint()
+        if found != self.encoder_fingerprint:
+            raise CheckpointError(
+                f"{self.source or 'latent statistics'}: computed with encoder {self.encoder_name!r} (fingerprint "
+                f"{self.encoder_fingerprint}), but the RAE's encoder is {encoder.name!r} (fingerprint {found}); "
+                "compute statistics for this encoder with `mfrae stats`"
+            )
 
 
 class RAE(nn.Module):
@@ -93,6 +115,8 @@ class RAE(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.stats = stats
+        if stats is not None and encoder is not None:
+            stats.check_encoder(encoder)  # same-shaped statistics of another encoder would pass the shape check
         if stats is not None and encoder is not None and stats.shape != self.latent_shape:
             raise ValueError(f"latent stats have shape {stats.shape}, the encoder makes latents of shape {self.latent_shape}")
         self.noise_tau = float(noise_tau)

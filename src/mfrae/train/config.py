@@ -2,7 +2,7 @@
 
 A preset is a YAML file (bundled ones live in `mfrae/configs/`, named without `.yaml`) of the form
 
-    some_anchor: &x    # optional: mappings shared by several stages through YAML anchors
+    _some_block: &x    # optional: anchor-only keys start with `_` (blocks shared through YAML anchors)
     common:            # sections shared by every stage
       data: {...}
       rae: {...}
@@ -10,8 +10,9 @@ A preset is a YAML file (bundled ones live in `mfrae/configs/`, named without `.
       teacher: {...}   # merged over `common` when `mfrae train teacher` runs
       mfd: {...}
 
-`load_train_config(stage, preset_or_file, overrides)` merges common + stages[stage] + overrides and checks every
-key and value of the dataclasses below. Sections configuring a component with its own constructor (`objective`,
+Any other top-level key is refused (`mfrae.config.split_preset`). `load_train_config(stage, preset_or_file,
+overrides)` merges common + stages[stage] + overrides and checks every key and value of the dataclasses below
+(numeric ranges through their `Bounds` hints: a negative step count or a NaN learning rate names its key). Sections configuring a component with its own constructor (`objective`,
 `model.options`, `data.options`, `rae.encoder.options`) are checked against that constructor by
 `mfrae.train.stages.load_stage_config`, the function `mfrae train` uses. The `data` and `rae` sections are the
 `PipelineConfig` of `mfrae.pipeline`, shared with `mfrae stats`, `cache` and `sample`.
@@ -20,14 +21,21 @@ key and value of the dataclasses below. Sections configuring a component with it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from mfrae.config import apply_overrides, deep_merge, from_dict, read_preset
+from mfrae.config import Bounds, apply_overrides, deep_merge, from_dict, read_preset, split_preset
 from mfrae.errors import ConfigError
 from mfrae.pipeline import DataConfig, PipelineConfig, RAEConfig
 
 STAGES = ("decoder", "teacher", "cmt", "mfd", "mft")
 Stage = Literal["decoder", "teacher", "cmt", "mfd", "mft"]
+
+# Ranges of the numeric fields below (checked by `mfrae.config.coerce`, naming the key and the value).
+Count = Annotated[int, Bounds(ge=1)]  # sizes, step counts, intervals
+NonNegativeInt = Annotated[int, Bounds(ge=0)]  # 0 means "off" / "none"
+Positive = Annotated[float, Bounds(gt=0)]
+NonNegative = Annotated[float, Bounds(ge=0)]
+Fraction = Annotated[float, Bounds(ge=0, lt=1)]  # Adam betas, EMA decay
 
 
 @dataclass
@@ -47,35 +55,36 @@ class OptimConfig:
     (linear or cosine) to `final_lr` at `decay_end` (default: the last step) and stays there.
     """
 
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    eps: float = 1e-8
+    lr: Positive = 1e-4
+    betas: tuple[Fraction, Fraction] = (0.9, 0.95)
+    weight_decay: NonNegative = 0.0
+    eps: Positive = 1e-8
     schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = 0
-    decay_start: int = 0
-    decay_end: int | None = None
-    final_lr: float = 0.0
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    warmup_steps: NonNegativeInt = 0
+    decay_start: NonNegativeInt = 0
+    decay_end: NonNegativeInt | None = None
+    final_lr: NonNegative = 0.0
+    grad_clip: NonNegative = 1.0  # max global grad norm; 0 disables clipping
 
 
 @dataclass
 class LoopConfig:
-    steps: int = 1000
-    global_batch: int = 256  # samples per optimizer step over all processes
-    micro_batch: int | None = None  # per process and forward; None = global_batch / world size
-    ema_decay: float = 0.9999
-    seed: int = 0
+    steps: Count = 1000
+    global_batch: Count = 256  # samples per optimizer step over all processes
+    micro_batch: Count | None = None  # per process and forward; None = global_batch / world size
+    ema_decay: Fraction = 0.9999
+    seed: NonNegativeInt = 0
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast applies on CUDA only
     compile: bool = False
     grad_checkpointing: bool = False
-    log_every: int = 50
-    ckpt_every: int = 1000
-    keep_last: int = 2
-    sample_every: int = 0  # sample grid from fixed noise every N steps (0: only at the end)
-    sample_count: int = 16
-    sample_steps: int = 0  # teacher previews: ODE steps (0: 50); MeanFlow previews always use 1 step
-    max_grad_norm: float = 1e4  # a larger pre-clip gradient norm stops the run as diverged
+    log_every: Count = 50
+    ckpt_every: Count = 1000
+    keep_last: Count = 2
+    sample_every: NonNegativeInt = 0  # sample grid from fixed noise every N steps (0: only at the end)
+    sample_count: Count = 16
+    sample_steps: NonNegativeInt = 0  # teacher previews: ODE steps (0: 50); MeanFlow previews always use 1 step
+    # A larger pre-clip gradient norm stops the run as diverged (inf: never).
+    max_grad_norm: Annotated[float, Bounds(gt=0, finite=False)] = 1e4
     fail_on_bad_images: bool = False
     tensorboard: bool = True
 
@@ -90,15 +99,15 @@ class EvalConfig:
     each entry as its ODE network evaluations (`eval/fd_{n}nfe`).
     """
 
-    every: int = 0  # 0: off; else a multiple of train.log_every (results join that step's log record)
-    num_samples: int = 1000
-    steps: list[int] = field(default_factory=lambda: [1, 2])
-    teacher_steps: list[int] = field(default_factory=lambda: [32])
+    every: NonNegativeInt = 0  # 0: off; else a multiple of train.log_every (results join that step's log record)
+    num_samples: Annotated[int, Bounds(ge=2)] = 1000
+    steps: list[Count] = field(default_factory=lambda: [1, 2])
+    teacher_steps: list[Count] = field(default_factory=lambda: [32])
     features: str = "inception"  # a registered feature extractor (mfrae.eval.features)
     feature_options: dict = field(default_factory=dict)  # FeatureOptions fields (inception_weights, extra, ...)
     reference: str | None = None  # reference images (.npz / folder) or feature statistics (.npz with mu, sigma)
-    batch_size: int = 250
-    seed: int = 0
+    batch_size: Count = 250
+    seed: NonNegativeInt = 0
 
 
 @dataclass
@@ -121,24 +130,14 @@ class TrainConfig:
     def __post_init__(self):
         if self.stage in ("cmt", "mfd") and not self.teacher:
             raise ConfigError(f"stage {self.stage} distils a teacher: set `teacher` (a checkpoint or run directory)")
-        loop = self.train
-        for name in ("steps", "global_batch", "log_every", "ckpt_every", "keep_last", "sample_count"):
-            if getattr(loop, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(loop, name)}")
-        if loop.micro_batch is not None and loop.micro_batch < 1:
-            raise ConfigError(f"train.micro_batch must be >= 1, got {loop.micro_batch}")
-        if not 0.0 <= loop.ema_decay < 1.0:
-            raise ConfigError(f"train.ema_decay must be in [0, 1), got {loop.ema_decay}")
-        if self.optim.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
-        if self.eval.every < 0 or (self.eval.every and self.eval.every % loop.log_every):
+        # Single values are range-checked by their hints when the config is read; these relate two fields.
+        loop, optim = self.train, self.optim
+        if optim.decay_end is not None and optim.decay_end < optim.decay_start:
+            raise ConfigError(f"optim.decay_end: {optim.decay_end} is before optim.decay_start={optim.decay_start}")
+        if self.eval.every and self.eval.every % loop.log_every:
             raise ConfigError(f"eval.every must be 0 or a multiple of train.log_every={loop.log_every}, got {self.eval.every}")
         if self.eval.every and not self.eval.reference:
             raise ConfigError("eval.every > 0 needs eval.reference (reference images or feature statistics)")
-        if self.eval.num_samples < 2 or self.eval.batch_size < 1 or not all(n >= 1 for n in [*self.eval.steps, *self.eval.teacher_steps]):
-            raise ConfigError("eval.num_samples must be >= 2, eval.batch_size >= 1 and every entry of eval.steps / teacher_steps >= 1")
-        if self.optim.grad_clip < 0:
-            raise ConfigError(f"optim.grad_clip must be >= 0, got {self.optim.grad_clip}")
 
 
 #################################################################################
@@ -150,17 +149,11 @@ def stage_mapping(stage: str, preset: dict, source: str) -> dict:
     """common + stages[stage] of a preset (a file without those keys is one stage's config as is)."""
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
-    if "common" not in preset and "stages" not in preset:
-        return preset
-    # Other top-level keys are YAML anchors shared between stages (e.g. `dit: &dit`), not config.
-    unknown = sorted(k for k in set(preset) - {"common", "stages"} if not isinstance(preset[k], dict))
-    if unknown:
-        raise ConfigError(f"{source}: unknown top-level key {unknown[0]!r} (a preset holds `common` and `stages`)")
-    stages = preset.get("stages") or {}
+    common, stages = split_preset(preset, source)  # refuses unknown top-level keys; drops `_` anchor keys
     bad = sorted(set(stages) - set(STAGES))
     if bad:
-        raise ConfigError(f"{source}: unknown stage {bad[0]!r} under `stages`")
-    return deep_merge(preset.get("common") or {}, stages.get(stage) or {})
+        raise ConfigError(f"{source}: unknown stage {bad[0]!r} under `stages`; choose among {', '.join(STAGES)}")
+    return deep_merge(common, stages.get(stage) or {})
 
 
 def load_train_config(stage: str, config: str, overrides: list[str] | None = None) -> TrainConfig:
@@ -170,6 +163,9 @@ def load_train_config(stage: str, config: str, overrides: list[str] | None = Non
     preset, source = read_preset(config)
     data = stage_mapping(stage, preset, source)
     data = apply_overrides(data, list(overrides or []))
+    # A run's config.yaml records `stage: NAME`; a mapping there is a misspelt `stages:` section.
+    if isinstance(data.get("stage"), dict):
+        raise ConfigError(f"{source}: unknown top-level section 'stage' (a preset holds common and stages)")
     data.pop("stage", None)
     try:
         return from_dict(TrainConfig, {"stage": stage, **data})

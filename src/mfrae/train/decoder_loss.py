@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from mfrae.distributed import WHOLE_BATCH, BatchPart
 from mfrae.models.rae import RAE
 
 #################################################################################
@@ -104,7 +105,8 @@ class DecoderLoss(nn.Module):
     def gan_active(self, step: int) -> bool:
         return self.discriminator is not None and self.gan_weight > 0 and step >= self.gan_start_step
 
-    def forward(self, net: nn.Module, x: Tensor, y: Tensor | None = None, step: int = 0) -> Tensor:
+    def forward(self, net: nn.Module, x: Tensor, y: Tensor | None = None, step: int = 0,
+                part: BatchPart = WHOLE_BATCH) -> Tensor:
         recon = self.rae.to_pixels(net(self.rae.encode_tokens(x, noise=True)))
         l1 = l1_per_sample(recon, x)
         rec = self.l1_weight * l1

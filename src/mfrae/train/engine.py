@@ -6,7 +6,7 @@ from the stage registry:
     for step in range(start, steps):
         lr <- schedule(step)
         for each of the `accum` micro-batches (DDP gradient sync on the last one only):
-            x, y = prepare(next(data));  (objective(net, x, y, step).mean() / accum).backward()
+            x, y = prepare(next(data));  (objective(net, x, y, step, part).mean() / accum).backward()
         g = clip_grad_norm(params, grad_clip)             # pre-clip norm, checked for divergence
         optimizer.step();  ema <- decay ema + (1 - decay) params
         for each player (the decoder's discriminator): one turn on the last micro-batch
@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
@@ -33,20 +34,47 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mfrae.checkpoint import load_model, load_state_dict_strict, save_model
 from mfrae.data import make_loader
-from mfrae.distributed import (DistInfo, all_mean, any_true, average_gradients, broadcast_module, gather_objects,
-                               init_distributed, shutdown_distributed)
+from mfrae.distributed import (BatchPart, DistInfo, all_mean, any_true, average_gradients, broadcast_module, gather_objects,
+                               process_group)
 from mfrae.errors import CheckpointError, ConfigError
 from mfrae.images import save_image_grid
-from mfrae.train.config import TrainConfig
+from mfrae.train.config import LoopConfig, TrainConfig
 from mfrae.train.optim import EMA, learning_rate, set_learning_rate
 from mfrae.train.parts import Player, StageParts
-from mfrae.train.runs import STATE_FILE, RunDir, command_line, load_state
+from mfrae.train.runs import (LATEST, STATE_FILE, RunDir, architecture_changes, command_line, config_changes,
+                              format_changes, load_state)
 
 log = logging.getLogger("mfrae")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN / Inf or the gradient norm exploded; the last good checkpoint is kept."""
+    """The loss, the gradient or the weights became NaN / Inf, or the gradient norm exploded; every checkpoint
+    written before passed the same checks and is kept."""
+
+
+# Devices on which the loss / gradient check runs after every step: on CPU it costs nothing, elsewhere it
+# would wait for the device each step, so it runs only at the steps that sync anyway (see below).
+EVERY_STEP_CHECK_DEVICES = frozenset({"cpu"})
+
+
+def divergence_check_due(step: int, loop: LoopConfig, every_step: bool) -> bool:
+    """Whether the loss and gradient of step `step` (counted from 1) are checked before its update.
+
+    Always at the logged and checkpointed steps and at the last step: no checkpoint is written after an
+    unchecked step, so a NaN at the end of a run never becomes the latest checkpoint.
+    """
+    return every_step or step % loop.log_every == 0 or step % loop.ckpt_every == 0 or step == loop.steps
+
+
+def _max_abs(tensors: list[Tensor]) -> Tensor:
+    """max |x| over all entries of `tensors`, NaN if any entry is NaN (max propagates it): one fused
+    reduction per device and dtype, no copy of the weights. (`torch._foreach_norm` is the kernel behind
+    `clip_grad_norm_`; its public wrapper `torch.nn.utils.get_total_norm` needs torch 2.6.)"""
+    groups: dict[tuple, list[Tensor]] = defaultdict(list)
+    for t in tensors:
+        groups[(t.device, t.dtype)].append(t.detach())
+    maxima = [torch.stack(torch._foreach_norm(group, math.inf)).amax().float() for group in groups.values()]
+    return torch.stack([m.to(maxima[0].device) for m in maxima]).amax()
 
 
 #################################################################################
@@ -80,11 +108,8 @@ def train(
     after the process group is up and the RNG is seeded, so everything it initialises at random is
     reproducible per run and rank.
     """
-    info = init_distributed()
-    try:
+    with process_group() as info:
         return _Trainer(cfg, RunDir(out), info, build).fit(resume, command or command_line())
-    finally:
-        shutdown_distributed()
 
 
 class _PlayerState:
@@ -164,6 +189,9 @@ class _Trainer:
             prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers > 0 else None,
         )
         self.writer = None
+        self.check_every_step = info.device.type in EVERY_STEP_CHECK_DEVICES  # else: `divergence_check_due`
+        self.last_good: Path | None = None  # the newest checkpoint (written or resumed) with checked weights
+        self.last_good_step = 0
 
     @property
     def resolved_config(self) -> TrainConfig:
@@ -174,50 +202,95 @@ class _Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def _save(self) -> Path | None:
+    def _save(self) -> None:
+        """Write the checkpoint of the current step, after checking that its weights are finite (all ranks)."""
+        if self._weights_bad():
+            self._diverged_weights()
         rngs = gather_objects(_rng_state(self.info), self.info)
-        if not self.info.is_main:
-            return None
-        state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "rng": rngs,
-            "loader": self.loader.state_dict(),
-            "players": {p.player.name: p.state_dict() for p in self.players},
-            "world_size": self.info.world_size,
-        }
-        return self.run.save_checkpoint(
-            self.step,
-            {
-                "model.safetensors": lambda p: save_model(self.net, p),
-                "ema.safetensors": lambda p: save_model(self.ema.model, p),
-                STATE_FILE: lambda p: torch.save(state, p),
-            },
-            self.cfg.train.keep_last,
-        )
+        if self.info.is_main:
+            state = {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "rng": rngs,
+                "loader": self.loader.state_dict(),
+                "players": {p.player.name: p.state_dict() for p in self.players},
+                "world_size": self.info.world_size,
+            }
+            self.last_good = self.run.save_checkpoint(
+                self.step,
+                {
+                    "model.safetensors": lambda p: save_model(self.net, p),
+                    "ema.safetensors": lambda p: save_model(self.ema.model, p),
+                    STATE_FILE: lambda p: torch.save(state, p),
+                },
+                self.cfg.train.keep_last,
+            )
+        else:  # the same folder name on every rank (only rank 0 writes it), for the divergence message
+            self.last_good = self.run.checkpoints / f"step_{self.step:08d}"
+        self.last_good_step = self.step
 
-    def _resume(self) -> None:
-        ckpt = self.run.latest_checkpoint()
-        if ckpt is None:
-            if self.info.is_main:
-                log.info("--resume: no checkpoint in %s yet, starting from step 0", self.run.root)
-            return
+    def _open_run(self, resume: bool, command: list[str]) -> None:
+        """Claim the run directory (rank 0: lock, refusals), on --resume load and check the checkpoint, and
+        only then write the run files: a refused or failed resume leaves config.yaml, run.json and
+        metrics.jsonl as they were."""
+        info = self.info
+        if info.is_main:
+            ckpt = self.run.claim(resume)
+        else:
+            ckpt = self.run.latest_checkpoint() if resume else None
+        changed: dict[str, tuple] = {}
+        if resume:
+            if ckpt is None:  # rank 0 refused the same way
+                raise ConfigError(f"--resume: {self.run.root} holds no complete checkpoint, nothing to resume")
+            changed = self._resume(ckpt)
+            self.last_good, self.last_good_step = ckpt, self.step
+        if info.is_main:
+            self.run.start(self.resolved_config, command, resumed_at=self.step if resume else None, changed=changed)
+
+    def _resume(self, ckpt: Path) -> dict[str, tuple]:
+        """Load checkpoint `ckpt` into the trainer; returns the config changes since the run's config.yaml.
+
+        Refused before anything is loaded when the network's configuration changed (one line, old -> new);
+        other changes (learning rate, batch, steps, ...) are allowed and reported."""
+        saved = self.run.saved_config()
+        changed = config_changes(saved, self.resolved_config) if saved is not None else {}
+        network = architecture_changes(changed)
+        if network:
+            raise ConfigError(f"--resume: the network of {self.run.root} is not the configured one "
+                              f"({format_changes(network)}); resume with the run's model settings or start a new --out")
         state = load_state(ckpt / STATE_FILE)
         if state["world_size"] != self.info.world_size:
             raise ConfigError(
                 f"{ckpt}: saved with {state['world_size']} process(es), resumed with {self.info.world_size}; "
                 "an exact resume needs the same number"
             )
-        self.net.load_state_dict(load_model(ckpt / "model.safetensors").state_dict())
-        self.ema.model.load_state_dict(load_model(ckpt / "ema.safetensors").state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
+        model_file = ckpt / "model.safetensors"
+        model = load_model(model_file)
+        # The files carry their network's config: a backstop for runs without (or with an edited) config.yaml.
+        network = config_changes(model.config.to_dict(), self.net.config.to_dict())
+        if network:
+            raise ConfigError(f"--resume: {model_file} holds another network than the configured one "
+                              f"({format_changes(network)}); resume with the run's model settings or start a new --out")
+        load_state_dict_strict(self.net, model.state_dict(), str(model_file))
+        ema_file = ckpt / "ema.safetensors"
+        load_state_dict_strict(self.ema.model, load_model(ema_file).state_dict(), str(ema_file))
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{ckpt / STATE_FILE}: optimizer does not match ({err})") from None
         self._load_players(state, ckpt / STATE_FILE)
         self.loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"][self.info.rank], self.info)
         self.step = int(state["step"])
+        if self._weights_bad():  # written before mfrae checked weights: never train on from it
+            raise CheckpointError(f"{ckpt}: holds NaN / Inf weights; to resume from an earlier checkpoint, write its "
+                                  f"folder name into {self.run.checkpoints / LATEST}")
         if self.info.is_main:
-            self.run.truncate_metrics(self.step)
+            if changed:
+                log.warning("resuming %s with changed settings (config.yaml is updated, run.json records them): %s",
+                            self.run.root, format_changes(changed))
             log.info("resumed %s at step %d", ckpt, self.step)
+        return changed
 
     def _load_players(self, state: dict, source: Path) -> None:
         saved = state.get("players", {})
@@ -251,17 +324,20 @@ class _Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def fit(self, resume: bool, command: list[str]) -> Path:
+    def fit(self, resume: bool, command: list[str]) -> Path | None:
+        """Train from step 0, or on --resume from the run's latest checkpoint, to train.steps; returns the last
+        checkpoint folder. Rank 0 holds the run directory's lock from the first check to the last write."""
+        try:
+            self._open_run(resume, command)
+            return self._loop()
+        finally:
+            self.run.unlock()
+
+    def _loop(self) -> Path | None:
         cfg, loop, info = self.cfg, self.cfg.train, self.info
-        if info.is_main:
-            self.run.start(self.resolved_config, command, resume)
-        if resume:
-            self._resume()
         for p in self.players:  # every process starts from rank 0's player weights
             broadcast_module(p.player.module, info)
         self._open_tensorboard()
-        last_ckpt = self.run.latest_checkpoint() if info.is_main else None
-        on_cpu = info.device.type == "cpu"
         progress = None
         if info.is_main:
             from tqdm.auto import tqdm
@@ -283,15 +359,15 @@ class _Trainer:
                     x, y = self.parts.prepare(next(data), info.device)
                     sync = micro == self.accum - 1 or not info.enabled
                     with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast:
-                        loss = self.parts.objective(self.model, x, y, step).float().mean() / self.accum
+                        part = BatchPart(info.rank * self.accum + micro, info.world_size * self.accum)
+                        loss = self.parts.objective(self.model, x, y, step, part).float().mean() / self.accum
                     loss.backward()
                     step_loss += loss.detach()
                 # Pre-clip global norm (clipping is off with grad_clip = 0: the norm is still measured).
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip or math.inf)
-                # On CPU the check is free; on GPU it waits for the log / checkpoint interval (no per-step sync).
-                due = on_cpu or (step + 1) % loop.log_every == 0 or (step + 1) % loop.ckpt_every == 0
-                if due and self._is_bad(step_loss, grad_norm):
-                    self._diverged(step, step_loss, grad_norm, last_ckpt)
+                # On CPU the check is free; on GPU it waits for the log / checkpoint steps and the last step.
+                if divergence_check_due(step + 1, loop, self.check_every_step) and self._is_bad(step_loss, grad_norm):
+                    self._diverged(step, step_loss, grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.ema.update(loop.ema_decay)
@@ -333,7 +409,7 @@ class _Trainer:
                     progress.update(1)
 
                 if self.step % loop.ckpt_every == 0 or self.step == loop.steps:
-                    last_ckpt = self._save() or last_ckpt
+                    self._save()
                 if (loop.sample_every and self.step % loop.sample_every == 0) or self.step == loop.steps:
                     self._preview()
         finally:
@@ -342,7 +418,7 @@ class _Trainer:
             if self.writer is not None:
                 self.writer.close()
             self.loader.close()
-        return last_ckpt
+        return self.last_good
 
     @staticmethod
     def _scalars(values: dict[str, Tensor | float]) -> dict[str, float]:
@@ -353,12 +429,34 @@ class _Trainer:
         bad = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm) | (grad_norm > self.cfg.train.max_grad_norm)
         return any_true(bad, self.info)
 
-    def _diverged(self, step: int, loss: Tensor, grad_norm: Tensor, last_ckpt: Path | None) -> None:
-        kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+    def _weights_bad(self) -> bool:
+        """NaN / Inf anywhere in the weights a checkpoint holds (network, EMA, players), on any rank."""
+        modules = [self.net, self.ema.model, *(p.player.module for p in self.players)]
+        return any_true(~torch.isfinite(_max_abs([t for m in modules for t in m.parameters()])), self.info)
+
+    def _kept(self, step: int) -> str:
+        """What the divergence at `step` (counted from 1) leaves to resume from, truthfully."""
+        if self.last_good is None:
+            return "no checkpoint was written yet"
+        kept = f"the last checkpoint is {self.last_good} (step {self.last_good_step}; its weights were checked finite)"
+        if step == self.last_good_step + 1:
+            kept += "; the step right after it diverged, so resume it with other settings (e.g. a lower optim.lr)"
+        return kept
+
+    def _diverged(self, step: int, loss: Tensor, grad_norm: Tensor) -> None:
+        where = (f"at step {step + 1}" if self.check_every_step else
+                 f"by step {step + 1} (on {self.info.device.type} the check runs at log / checkpoint steps)")
         message = (
-            f"training diverged at step {step + 1}: loss {float(loss):.6g}, gradient norm {float(grad_norm):.6g} "
-            f"(limit train.max_grad_norm={self.cfg.train.max_grad_norm:g}); stopped, {kept}"
+            f"training diverged {where}: loss {float(loss):.6g}, gradient norm {float(grad_norm):.6g} "
+            f"(limit train.max_grad_norm={self.cfg.train.max_grad_norm:g}); stopped, {self._kept(step + 1)}"
         )
         if self.info.is_main:
             self.run.log_metrics({"step": step + 1, "diverged": True, "loss": float(loss), "grad_norm": float(grad_norm)})
+        raise TrainingDiverged(message)
+
+    def _diverged_weights(self) -> None:
+        message = (f"training diverged at step {self.step}: its update left NaN / Inf weights (network, EMA or a "
+                   f"player); stopped without writing its checkpoint, {self._kept(self.step)}")
+        if self.info.is_main:
+            self.run.log_metrics({"step": self.step, "diverged": True, "nonfinite_weights": True})
         raise TrainingDiverged(message)

@@ -6,7 +6,7 @@ stage may add to the plain "network + objective + data" loop is a named, typed f
 the engine has to discover:
 
     net          the trained network (the engine owns its optimizer, EMA, DDP wrapper and checkpoints)
-    objective    objective(net, x, y, step) -> per-sample losses [B]        (`Objective`)
+    objective    objective(net, x, y, step, part) -> per-sample losses [B]  (`Objective`)
     dataset      what the loader draws from
     prepare      loader batch -> (x, y) on the device (e.g. images -> normalised RAE latents)
     preview      EMA network -> an image grid from fixed noise, or None
@@ -28,15 +28,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from mfrae.distributed import BatchPart
+
 
 class Objective(Protocol):
     """A training loss, EDM style: per-sample losses of `net` on the batch (x, y) at optimizer step `step`.
 
-    `net` is the trained network as the engine calls it (possibly wrapped by DDP / torch.compile). Frozen
-    models, the null class and every option are given to the objective at construction.
+    `net` is the trained network as the engine calls it (possibly wrapped by DDP / torch.compile; an objective
+    that must call it unwrapped uses `mfrae.distributed.plain_module`). `part` says which micro-batch of the
+    step's global batch (x, y) is, over processes and accumulation; objectives that lay rows out per step
+    (MeanFlow's "prefix" layout) use it, the others ignore it. Frozen models, the null class and every option
+    are given to the objective at construction.
     """
 
-    def __call__(self, net: nn.Module, x: Tensor, y: Tensor, step: int) -> Tensor: ...
+    def __call__(self, net: nn.Module, x: Tensor, y: Tensor, step: int, part: BatchPart) -> Tensor: ...
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from mfrae.config import build_from_options, check_options, from_dict, option_de
 from mfrae.distributed import DistInfo
 from mfrae.errors import ConfigError
 from mfrae.flow.objectives import CMTLoss, FlowMatchingLoss, MeanFlowLoss
-from mfrae.flow.paths import dimension_shift
+from mfrae.flow.paths import PairSampler, dimension_shift
 from mfrae.flow.samplers import flow_matching_sample, meanflow_sample
 from mfrae.models.dit_dh import DiTDH, DiTDHConfig, dit_dh_config
 from mfrae.models.rae import RAE
@@ -68,7 +68,10 @@ def dit_config(cfg: TrainConfig, latent_shape: tuple[int, int, int], num_classes
     fields.update(in_channels=latent_shape[0], input_size=latent_shape[1], num_classes=num_classes)
     fields.update(cfg.model.options)
     fields["interval_embedding"] = meanflow
-    return build_from_options(DiTDHConfig, fields, "model.options")
+    config = build_from_options(DiTDHConfig, fields, "model.options")
+    if config.num_classes < num_classes:  # a label past the class table would crash the first step
+        raise ConfigError(f"model.options.num_classes={config.num_classes} is fewer than the {num_classes} classes of the data")
+    return config
 
 
 def frozen_teacher(spec: str, device: torch.device) -> DiTDH:
@@ -220,6 +223,22 @@ def check_stage_options(cfg: TrainConfig) -> None:
         from_dict(spec.objective, cfg.objective, "objective")
     else:
         check_options(spec.objective, cfg.objective, "objective", skip=BUILDER_SUPPLIED)
+    if spec.objective is MeanFlowLoss:
+        check_row_layout(cfg, spec)
+
+
+def check_row_layout(cfg: TrainConfig, spec: StageSpec) -> None:
+    """MeanFlow's "prefix" row layout counts its r != t rows per optimizer step: refuse a global batch too small
+    to hold the configured fraction (e.g. 1 row at fraction 0.25 would train no r != t row at all)."""
+    options = {**option_defaults(MeanFlowLoss, skip=BUILDER_SUPPLIED), **spec.defaults, **cfg.objective}
+    if options["r_neq_t_layout"] != "prefix":
+        return
+    fraction = float(options["fraction_r_neq_t"])
+    try:
+        PairSampler(fraction_r_neq_t=fraction, layout="prefix").check_step_rows(cfg.train.global_batch)
+    except ValueError as err:
+        raise ConfigError(f"objective.fraction_r_neq_t={fraction} with objective.r_neq_t_layout=prefix and "
+                          f"train.global_batch={cfg.train.global_batch}: {err}") from None
 
 
 def load_stage_config(stage: str, config: str, overrides: list[str] | None = None) -> TrainConfig:
