@@ -51,3 +51,23 @@ def randomize_(module: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
             if p.requires_grad:
                 p.normal_(0, std)
     return module
+
+
+def save_tiny_sampling_models(root: Path) -> dict[str, Path]:
+    """A tiny MeanFlow student and flow-matching teacher (4 x 4 x 8 latents, 10 classes) and a 32 px ViT decoder,
+    with random weights (seed 0), saved as mfrae model files under `root`: {"student", "teacher", "decoder"}."""
+    from mfrae.checkpoint import save_model
+    from mfrae.models.dit_dh import DiTDH, DiTDHConfig
+    from mfrae.models.vit_decoder import ViTDecoder, ViTDecoderConfig
+
+    torch.manual_seed(0)
+    dit = {"input_size": 4, "in_channels": 8, "hidden_size": (32, 48), "depth": (1, 1), "num_heads": (2, 2),
+           "num_classes": 10}
+    paths = {}
+    for name, meanflow in (("student", True), ("teacher", False)):
+        paths[name] = save_model(randomize_(DiTDH(DiTDHConfig(interval_embedding=meanflow, **dit)), 0.05),
+                                 root / f"{name}.safetensors")
+    decoder = ViTDecoder(ViTDecoderConfig(encoder_hidden_size=8, hidden_size=32, num_layers=1, num_heads=2,
+                                          intermediate_size=64, patch_size=8, num_patches=16))
+    paths["decoder"] = save_model(randomize_(decoder, 0.3), root / "decoder.safetensors")  # pixels follow the noise
+    return paths

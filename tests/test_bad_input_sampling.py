@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import randomize_
+from conftest import save_tiny_sampling_models
 from mfrae import sample_shards
 from mfrae.checkpoint import load_dit_dh, load_vit_decoder, save_latent_stats, save_model
 from mfrae.cli import main
@@ -29,9 +29,7 @@ from mfrae.eval.features import (
 )
 from mfrae.eval.metrics import FeatureStats
 from mfrae.eval.samples import load_images, save_adm_npz, save_image_dir
-from mfrae.models.dit_dh import DiTDH, DiTDHConfig
 from mfrae.models.rae import LatentStats
-from mfrae.models.vit_decoder import ViTDecoder, ViTDecoderConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,17 +62,7 @@ def files_under(root: Path) -> dict[str, str]:
 def models(tmp_path_factory):
     """A tiny MeanFlow student and teacher, a 32 px decoder and latent stats, plus bad versions of them."""
     root = tmp_path_factory.mktemp("bad_models")
-    torch.manual_seed(0)
-    dit = {"input_size": 4, "in_channels": 8, "hidden_size": (32, 48), "depth": (1, 1), "num_heads": (2, 2),
-           "num_classes": 10}
-    student = randomize_(DiTDH(DiTDHConfig(interval_embedding=True, **dit)), 0.05)
-    teacher = randomize_(DiTDH(DiTDHConfig(interval_embedding=False, **dit)), 0.05)
-    decoder = randomize_(ViTDecoder(ViTDecoderConfig(encoder_hidden_size=8, hidden_size=32, num_layers=1,
-                                                     num_heads=2, intermediate_size=64, patch_size=8,
-                                                     num_patches=16)), 0.3)
-    paths = {"student": save_model(student, root / "student.safetensors"),
-             "teacher": save_model(teacher, root / "teacher.safetensors"),
-             "decoder": save_model(decoder, root / "decoder.safetensors"),
+    paths = {**save_tiny_sampling_models(root),
              "stats": save_latent_stats(LatentStats(torch.zeros(8, 4, 4), torch.ones(8, 4, 4)),
                                         root / "stats.safetensors")}
     with torch.no_grad():

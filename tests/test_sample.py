@@ -22,13 +22,10 @@ import pytest
 import torch
 from torch.distributed.run import get_args_parser
 
-from conftest import randomize_
+from conftest import save_tiny_sampling_models
 from mfrae import sample_shards
-from mfrae.checkpoint import save_model
 from mfrae.cli import build_parser, main
 from mfrae.eval.samples import to_uint8_nhwc
-from mfrae.models.dit_dh import DiTDH, DiTDHConfig
-from mfrae.models.vit_decoder import ViTDecoder, ViTDecoderConfig
 from mfrae.generation import SampleSettings, generate, generate_indices, prefetched_noise, sample_noise
 
 # One thread here and OMP_NUM_THREADS=1 in subprocesses: the same kernels everywhere, so files compare byte for byte.
@@ -40,18 +37,7 @@ NUM, SHARD, BATCH = 20, 6, 3  # 4 shards (the last one short); batches never cro
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny MeanFlow student, teacher and 32 px ViT decoder saved as mfrae model files."""
-    root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    dit = {"input_size": 4, "in_channels": 8, "hidden_size": (32, 48), "depth": (1, 1), "num_heads": (2, 2),
-           "num_classes": 10}
-    paths = {}
-    for name, meanflow in (("student", True), ("teacher", False)):
-        paths[name] = save_model(randomize_(DiTDH(DiTDHConfig(interval_embedding=meanflow, **dit)), 0.05),
-                                 root / f"{name}.safetensors")
-    decoder = ViTDecoder(ViTDecoderConfig(encoder_hidden_size=8, hidden_size=32, num_layers=1, num_heads=2,
-                                          intermediate_size=64, patch_size=8, num_patches=16))
-    paths["decoder"] = save_model(randomize_(decoder, 0.3), root / "decoder.safetensors")  # pixels follow the noise
-    return paths
+    return save_tiny_sampling_models(tmp_path_factory.mktemp("tiny"))
 
 
 def argv(models, out: Path, *extra: str, ckpt: str = "student") -> list[str]:
