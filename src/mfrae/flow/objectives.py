@@ -243,19 +243,18 @@ class GapRows:
 
     index: slice | Tensor
     count: int
-    size: int
 
     @classmethod
-    def leading(cls, size: int, count: int) -> GapRows:
-        """The first `count` of `size` rows."""
-        return cls(slice(0, count), count, size)
+    def leading(cls, count: int) -> GapRows:
+        """The first `count` rows."""
+        return cls(slice(0, count), count)
 
     @classmethod
     def find(cls, t: Tensor, r: Tensor) -> GapRows:
         """The rows with r != t, wherever they are."""
         index = (r != t).nonzero().squeeze(1)
-        count, size = index.numel(), t.shape[0]
-        return cls.leading(size, count) if count in (0, size) else cls(index, count, size)
+        count = index.numel()
+        return cls.leading(count) if count in (0, t.shape[0]) else cls(index, count)
 
     def take(self, *tensors: Tensor) -> list[Tensor]:
         return [x[self.index] for x in tensors]
@@ -727,7 +726,7 @@ class MeanFlowLoss:
         """The r != t rows as the pair sampler lays them out in micro-batch `part`: a leading slice ("prefix")
         or found ("random")."""
         count = self.pairs.num_gap_rows(t.shape[0], part)
-        return GapRows.find(t, r) if count is None else GapRows.leading(t.shape[0], count)
+        return GapRows.find(t, r) if count is None else GapRows.leading(count)
 
     def prediction_and_target(self, net: Model, z: Tensor, t: Tensor, r: Tensor, y: Tensor, w: Tensor,
                               rows: GapRows | None = None) -> tuple[Tensor, Tensor]:
