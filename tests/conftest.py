@@ -27,6 +27,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def fast_demo(tmp_path_factory) -> Path:
+    """One `mfrae demo --fast` run for the whole session (the demo's tests and the study build on it)."""
+    from mfrae.cli import main
+
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--fast", "--out", str(out)]) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run faster and with steadier timings on one thread (use via pytest.mark.usefixtures)."""

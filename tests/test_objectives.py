@@ -455,3 +455,32 @@ def test_the_null_class_is_given_at_construction_when_labels_are_dropped_or_guid
     with torch.no_grad():
         FlowMatchingLoss(label_dropout=1.0, null_class=7)(rec, torch.randn(16, 2), torch.zeros(16, dtype=torch.long))
     assert torch.equal(rec.calls[0]["y"], torch.full((16,), 7))
+
+
+def test_unweighted_meanflow_error_is_the_plain_mse_per_row_kind():
+    """Closed form: rows with r = t and r != t averaged separately; an absent row kind is NaN."""
+    import math
+
+    from mfrae.flow.objectives import unweighted_meanflow_error
+
+    sq = torch.stack([torch.full((2, 3), v) for v in (1.0, 2.0, 3.0, 6.0)])  # per-row MSE 1, 2, 3, 6
+    t = torch.tensor([0.5, 0.5, 0.9, 0.9])
+    r = torch.tensor([0.5, 0.1, 0.9, 0.2])
+    stats = unweighted_meanflow_error(sq, t, r)
+    assert float(stats["mse"]) == 3.0
+    assert float(stats["mse_r_eq_t"]) == 2.0  # rows 0 and 2
+    assert float(stats["mse_r_neq_t"]) == 4.0  # rows 1 and 3
+    assert math.isnan(float(unweighted_meanflow_error(sq, t, t)["mse_r_neq_t"]))
+
+
+def test_meanflow_loss_records_the_unweighted_error_of_its_last_call():
+    from mfrae.flow.objectives import MeanFlowLoss
+
+    def u(z, t, y, r=None):
+        return torch.zeros_like(z)
+
+    loss = MeanFlowLoss(fraction_r_neq_t=0.5, label_dropout=0.0, adaptive_p=0.0)
+    x = torch.randn(8, 2, 2, 2)
+    per_sample = loss(u, x, torch.zeros(8, dtype=torch.long))
+    # with u = 0 and p = 0 the loss is the summed squared target, i.e. mse * D per row
+    assert torch.allclose(per_sample.mean() / 8, loss.last_stats["mse"], rtol=1e-5)

@@ -6,24 +6,21 @@ from __future__ import annotations
 import json
 import math
 import re
-import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
 import torch
+
+from PIL import Image
 
 from mfrae.report import (
     ImagePanel,
     QualityRow,
     ReconstructionPanel,
     ReportFigures,
-    Series,
-    class_grid,
+    SampleComparison,
     json_safe,
-    log_ticks,
-    nice_ticks,
     read_metrics,
-    svg_line_chart,
     write_report,
 )
 
@@ -43,12 +40,15 @@ def _figures(tmp_path) -> ReportFigures:
     _write_metrics(tmp_path / "runs" / "teacher" / "metrics.jsonl")
     _write_metrics(tmp_path / "runs" / "cmt.jsonl", extra_line='{"step": 21')  # a line cut off by a kill
     return ReportFigures(
-        samples=[ImagePanel("teacher, 50 steps", images, labels, ncols=4),
-                 ImagePanel("MFT <script>alert(1)</script>", images[:6], labels[:6])],
+        comparison=SampleComparison("all models", {"teacher": images, "MFT <script>alert(1)</script>": images},
+                                    labels, per_class=2),
+        samples=[ImagePanel("teacher, 50 steps", images, labels, ncols=4), ImagePanel("grid", images[:6])],
         reconstructions=[ReconstructionPanel("RAE", images[:12], images[:12].flip(-1), ncols=6)],
         runs={"teacher": tmp_path / "runs" / "teacher", "cmt": tmp_path / "runs" / "cmt.jsonl",
               "mfd": tmp_path / "runs" / "mfd"},  # mfd: no such run
-        quality=[QualityRow("teacher", 50, 0.61, 3.2, 0.95, 210.0), QualityRow("MFT", 1, 0.012, None, None, None)],
+        quality=[QualityRow("teacher", 50, 0.61, 3.2, 0.95, 210.0), QualityRow("MFT", 1, 0.012, None, None, None),
+                 QualityRow("MFT_2", 2, 0.02, 4.0, 0.9, 100.0, family="MFT")],
+        fd_reference={"real": 1.0},
         stage_seconds={"encoder": 31.5, "decoder": 120.0, "teacher <b>": 200.0},
     )
 
@@ -64,26 +64,27 @@ def test_report_files(tmp_path):
     page = paths.html.read_text()
     for section in ("samples", "reconstructions", "curves", "quality", "timing", "raw"):
         assert f'<section id="{section}">' in page
-    # 2 charts (loss, grad norm) for each of the two runs that have metrics + the stage-time bar chart.
-    assert page.count("<svg") == 5
-    # 2 sample grids + 1 reconstruction grid, all embedded.
-    assert page.count("<img") == 3
-    assert len(re.findall(r'<img src="data:image/png;base64,', page)) == 3
+    # comparison + 2 sample panels + reconstructions + 2 runs x (loss, grad norm) + FD vs NFE / GFLOPs + timing
+    assert page.count("<img") == 11 and "<svg" not in page
+    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page)) == 11
+    assert sorted(p.name for p in paths.figures) == sorted(p.name for p in (tmp_path / "out").glob("report_*.png"))
+    assert {"report_samples.png", "report_fd_vs_nfe.png", "report_fd_vs_gflops.png", "report_stage_seconds.png",
+            "report_curves_teacher_loss.png"} <= {p.name for p in paths.figures}
+    for png in paths.figures:  # every file decodes and is embedded in the page
+        assert Image.open(png).format == "PNG"
+        assert __import__("base64").b64encode(png.read_bytes()).decode() in page
     # Self-contained and script-free: caller text is escaped, nothing is loaded from elsewhere.
     assert "<script" not in page and "&lt;script&gt;" in page
     assert "&amp; is trained" in page and "teacher &lt;b&gt;" in page
     assert not re.search(r'(src|href)="(http|//)', page)
     assert "no metrics file" in page and "1 unreadable line(s) skipped" in page
-    # Every chart is well-formed XML.
-    for svg in re.findall(r"<svg.*?</svg>", page, re.S):
-        ET.fromstring(svg)
     assert "95.0%" in page and "&ndash;" in page  # accuracy as a percentage, missing values as dashes
 
 
 def test_report_without_figures_and_bad_input(tmp_path):
     paths = write_report(tmp_path, {"a": 1})
     assert json.loads(paths.json.read_text()) == {"a": 1}
-    assert "<svg" not in paths.html.read_text()
+    assert "<img" not in paths.html.read_text() and paths.figures == ()
     with pytest.raises(TypeError, match=r"report\['x'\]\['y'\]: cannot write a value of type object"):
         write_report(tmp_path, {"x": {"y": object()}})
     with pytest.raises(ValueError, match=r"reconstructions\[0\].*differ in shape"):
@@ -98,40 +99,6 @@ def test_image_panel_from_png_path(tmp_path):
     figures = ReportFigures(samples=[ImagePanel("file", path=png), ImagePanel("gone", path=tmp_path / "no.png")])
     page = write_report(tmp_path / "out", {}, figures).html.read_text()
     assert page.count("<img") == 1 and "image file not found" in page
-
-
-def test_class_grid_puts_each_class_on_its_row():
-    # Class c images are filled with the value 50 * (c + 1); the grid must show them row by row.
-    labels = np.array([2, 0, 1, 0, 2, 2])
-    images = np.stack([np.full((4, 4, 3), 50 * (c + 1), np.uint8) for c in labels])
-    grid = class_grid(images, labels, ncols=3, scale=1)
-    assert grid.shape[0] == 3 * (4 + 2) + 2  # three rows of 4 px cells with 2 px padding
-    margin = grid.shape[1] - (3 * (4 + 2) + 2)
-    for row, cls in enumerate((0, 1, 2)):
-        top = 2 + row * 6
-        count = int(np.sum(labels == cls))
-        for col in range(3):
-            left = margin + 2 + col * 6
-            value = grid[top + 1, left + 1, 0]
-            assert value == (50 * (cls + 1) if col < count else 0), (row, col, value)
-
-
-def test_ticks():
-    assert nice_ticks(0.0, 9.3) == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
-    ticks = nice_ticks(-0.37, 0.81)
-    assert ticks[0] <= -0.37 and ticks[-1] >= 0.81
-    assert log_ticks(0.03, 40.0) == [0.01, 0.1, 1.0, 10.0, 100.0]
-    assert log_ticks(0.3, 4.0) == pytest.approx([0.2, 0.5, 1.0, 2.0, 5.0])
-
-
-def test_line_chart_skips_bad_points_and_labels_axes():
-    svg = svg_line_chart([Series("loss", [0, 1, 2, 3], [1.0, float("nan"), 0.0, 0.1]), Series("empty", [], [])],
-                         "t", "step", "loss", log_y=True)
-    ET.fromstring(svg)
-    assert "loss (log scale)" in svg and "step" in svg
-    assert "<polyline" not in svg and svg.count("<circle") == 2  # two isolated points, no line through NaN / 0
-    assert ">loss<" in svg and ">empty<" in svg  # legend entries
-    assert "no data" in svg_line_chart([Series("x", [1], [float("inf")])], "t", "x", "y")
 
 
 def test_read_metrics(tmp_path):

@@ -18,6 +18,9 @@ A file is named by a local path or by `hf://OWNER/REPO[@REVISION]/PATH/IN/REPO` 
 
 mfrae's own model files are safetensors with the model kind and config in the metadata, so they rebuild
 themselves: `save_model(model, path)` / `load_model(path)`.
+
+Every loader also takes a model folder written by `mfrae export` (a local folder, or `hf://OWNER/NAME[@REV]`
+downloaded whole): it reads the file of its kind named by the folder's config.json (`folder_file`).
 """
 
 from __future__ import annotations
@@ -307,7 +310,8 @@ def _build(spec: str | Path, cls, config):
 
 def _read_weights(spec: str | Path, kind: str, prefix: str | None = None) -> tuple[dict[str, Tensor], dict]:
     """(state dict, mfrae metadata or {}) from a safetensors file of ours or a released torch file, refused
-    naming both kinds when it holds another kind of weights."""
+    naming both kinds when it holds another kind of weights. A model folder gives its file of that kind."""
+    spec = folder_file(spec, kind)
     path = resolve_path(spec)
     if path.suffix == ".safetensors":
         raw, meta = read_safetensors(path)
@@ -361,7 +365,9 @@ def load_latent_stats(spec: str | Path, eps: float = 1e-5) -> LatentStats:
 
     Our files also name the encoder they were computed with ({"encoder": {"name", "fingerprint"}} in the
     metadata); an RAE built with another encoder refuses them. The authors' `stat.pt` names none and is trusted.
+    A model folder gives its statistics file.
     """
+    spec = folder_file(spec, "latent_stats")
     path = resolve_path(spec)
     obj, meta = read_safetensors(path) if path.suffix == ".safetensors" else (load_torch_file(path), {})
     check_kind(spec, obj, meta, "latent_stats")
@@ -458,7 +464,9 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
 
 
 def load_model(spec: str | Path) -> nn.Module:
-    """Rebuild a model saved by `save_model` (kind and config from the file's metadata)."""
+    """Rebuild a model saved by `save_model` (kind and config from the file's metadata); a teacher / MeanFlow
+    model folder gives its network."""
+    spec = folder_file(spec, "dit_dh")
     path = resolve_path(spec)
     state, meta = read_safetensors(path)
     if meta.get("kind") not in _KINDS:
@@ -476,3 +484,97 @@ def save_latent_stats(stats: LatentStats, path: str | Path) -> Path:
     """Write {"mean", "var"} atomically, with the encoder the statistics belong to when they name one."""
     encoder = {"name": stats.encoder_name, "fingerprint": stats.encoder_fingerprint}
     return write_safetensors(stats.to_dict(), path, "latent_stats", {"encoder": encoder} if stats.encoder_fingerprint else None)
+
+
+#################################################################################
+#                   Model folders (what `mfrae export` writes)                  #
+#################################################################################
+
+# A model folder holds config.json with "library": "mfrae" and the files it names, relative to the folder:
+#   teacher / MeanFlow folder: {"kind": "teacher"|"meanflow", "weights": "model.safetensors", "rae": "rae", ...}
+#   RAE folder:                {"kind": "rae", "decoder": "decoder.safetensors", "stats": ..., "encoder": {...}}
+# Layout and rules: docs/huggingface.md, section 3.
+FOLDER_CONFIG = "config.json"
+FOLDER_LIBRARY = "mfrae"
+_HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+
+
+def hub_repo_id(spec: str) -> str | None:
+    """"owner/name[@rev]" of a Hub model folder named `hf://owner/name[@rev]` or `owner/name[@rev]`, else None."""
+    name = spec[len("hf://"):] if spec.startswith("hf://") else spec
+    return name if _HUB_REPO.fullmatch(name) else None
+
+
+def download_model_folder(repo: str) -> Path:
+    """The local copy (Hugging Face cache) of the Hub model folder `owner/name[@rev]`; FileNotFoundError when
+    huggingface_hub is missing or the repository cannot be reached."""
+    repo_id, _, revision = repo.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"{repo}: install `huggingface_hub` (pip install 'mfrae[hub]') to read Hub "
+                                "model folders") from None
+    try:
+        return Path(snapshot_download(repo_id=repo_id, revision=revision or None))
+    except Exception as err:  # offline, missing or private repository: one line naming it
+        raise FileNotFoundError(f"cannot download the Hub model folder {repo}: {type(err).__name__}: "
+                                f"{_first_line(str(err))}") from None
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """Whether `path` is a local folder with an mfrae config.json (written by `mfrae export`)."""
+    config = Path(path) / FOLDER_CONFIG
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("library") == FOLDER_LIBRARY
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+
+
+def read_model_folder(path: str | Path) -> dict:
+    """A model folder's config.json, its file entries turned into absolute paths (checked to exist)."""
+    folder = Path(path)
+    file = folder / FOLDER_CONFIG
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{file}: unreadable model folder config ({_first_line(str(err))})") from None
+    if not isinstance(config, dict) or config.get("library") != FOLDER_LIBRARY:
+        raise CheckpointError(f"{file}: not an mfrae model folder (no \"library\": \"mfrae\")")
+    if config.get("kind") not in ("teacher", "meanflow", "rae"):
+        raise CheckpointError(f"{file}: unknown kind {config.get('kind')!r}; expected teacher, meanflow or rae")
+    for key in ("weights", "decoder", "stats", "rae"):
+        if config.get(key):
+            target = folder / config[key]
+            if not target.exists():
+                raise FileNotFoundError(f"{file}: {key} names {config[key]}, which is not in the folder")
+            config[key] = str(target)
+    encoder = config.get("encoder") or {}
+    options = encoder.get("options") or {}
+    if encoder.get("file"):  # the encoder's weights travel with the folder (small_vit)
+        options["path"] = str(folder / encoder.pop("file"))
+    return config
+
+
+def folder_file(spec: str | Path, kind: str) -> str | Path:
+    """The file of kind `kind` ("dit_dh", "vit_decoder", "latent_stats") inside a model folder; any other
+    spec unchanged. A teacher / MeanFlow folder gives its RAE's decoder and statistics from its `rae` folder."""
+    spec_text = str(spec)
+    if spec_text.startswith("hf://") and hub_repo_id(spec_text):
+        spec = download_model_folder(hub_repo_id(spec_text))
+    elif not Path(spec).is_dir() or not is_model_folder(spec):
+        return spec
+    config = read_model_folder(spec)
+    if kind == "dit_dh":
+        if config["kind"] == "rae":
+            raise CheckpointError(f"{spec}: an RAE model folder holds no {_kind_name(kind)}")
+        return config["weights"]
+    if config["kind"] != "rae":
+        if not config.get("rae"):
+            raise CheckpointError(f"{spec}: this model folder carries no RAE folder")
+        return folder_file(config["rae"], kind)
+    key = {"vit_decoder": "decoder", "latent_stats": "stats"}.get(kind)
+    if key is None or not config.get(key):
+        raise CheckpointError(f"{spec}: the RAE model folder holds no {_kind_name(kind)}")
+    return config[key]

@@ -361,25 +361,27 @@ class Demo:
         }
 
     def write_report(self, report: dict, sampling: SamplingResult, evaluation: EvaluationResult) -> Path:
-        from mfrae.report import ImagePanel, QualityRow, ReconstructionPanel, ReportFigures, write_report
+        from mfrae.report import QualityRow, ReconstructionPanel, ReportFigures, SampleComparison, write_report
 
-        per_class = 10  # one row per class, ten samples each
-        labels = sampling.labels
-        pick = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)])
         titles = {"teacher": f"Teacher, {self.settings.teacher_nfe}-step Euler ODE", "cmt_1step": "CMT, 1 step",
                   "mfd_1step": "MFD, 1 step", "mfd_2step": "MFD, 2 steps", "mft_1step": "MFT, 1 step",
                   "mft_2step": "MFT, 2 steps"}
-        samples = [ImagePanel(titles[name], images[pick], labels[pick], ncols=per_class)
-                   for name, images in sampling.samples.items()]
+        comparison = SampleComparison("Samples of every model for the same requested classes",
+                                      {titles[name]: images for name, images in sampling.samples.items()},
+                                      sampling.labels, per_class=2)
+        plans = _plans(self.settings.teacher_nfe)
         quality = [QualityRow(row["model"], row["nfe"], row["gflops_true"], row["fd"], row["class_accuracy"],
-                              row["images_per_second"]) for row in report["quality_vs_nfe"]]
+                              row["images_per_second"], family=plans[row["model"]][0])
+                   for row in report["quality_vs_nfe"]]
         figures = ReportFigures(
-            samples=samples,
+            comparison=comparison,
             reconstructions=[ReconstructionPanel("RAE reconstructions (top: real digits, bottom: decoded latents)",
                                                  evaluation.real_images[:20], evaluation.reconstructions[:20],
                                                  ncols=10)],
             runs={stage: self.path(stage) for stage in ("decoder", "teacher", "cmt", "mfd", "mft")},
             quality=quality,
+            fd_reference={"real digits (floor)": report["fd_floor"],
+                          "RAE reconstructions": report["fd_reconstruction"]},
             stage_seconds=report["seconds_per_stage"],
         )
         note = (

@@ -117,6 +117,14 @@ def all_mean(value: Tensor, info: DistInfo) -> Tensor:
     return value
 
 
+def all_max(value: Tensor, info: DistInfo) -> Tensor:
+    """The maximum of `value` over processes (a copy; `value` itself is left alone)."""
+    if info.enabled:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def any_true(flag: Tensor, info: DistInfo) -> bool:
     """True when `flag` (a 0-d tensor, nonzero = true) is true on any process."""
     flag = flag.float()

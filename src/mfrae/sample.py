@@ -62,7 +62,7 @@ from mfrae.models.dit_dh import DiTDH
 from mfrae.models.rae import RAE
 from mfrae.pipeline import RAEConfig, build_rae_encoder
 from mfrae.sample_shards import SHARDS, ShardPlan, save_pngs, write_adm_npz
-from mfrae.train.runs import resolve_weights
+from mfrae.train.runs import resolve_weights, run_config
 
 __all__ = ["SampleSettings", "class_labels", "generate", "generate_batch", "generate_indices", "add_arguments", "run"]
 PLAN_FILE = "plan.json"
@@ -148,13 +148,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def _run_config(ckpt: str) -> dict:
-    """The resolved config of the run that produced `ckpt`, when it is a run directory ({} otherwise)."""
-    config = Path(ckpt) / "config.yaml"
-    if not config.is_file():
-        return {}
-    import yaml
-
-    return yaml.safe_load(config.read_text()) or {}
+    """The resolved config of the run that produced `ckpt` (a run directory or a model folder; {} otherwise)."""
+    return run_config(ckpt)
 
 
 def _decode_only_rae(run_rae: RAEConfig, decoder, stats) -> RAE:

@@ -24,6 +24,7 @@ code differs from the papers, docs/meanflow.md says what we do and why.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -605,6 +606,21 @@ def min_snr_velocity_weight(t: Tensor | np.ndarray, gamma: float = 5.0, shift: f
     return torch.minimum(shift**2 * (1.0 - t).square(), gamma * t.square())
 
 
+def unweighted_meanflow_error(sq_error: Tensor, t: Tensor, r: Tensor) -> dict[str, Tensor]:
+    """The plain MSE ||u_theta - u_tgt||^2 / D of a MeanFlow batch, per row kind, for logging: the adaptively
+    weighted loss L / sg(L + c) sits near 1 whenever L >> c and says nothing about progress (it is only a
+    gradient scale). Keys: `mse` (all rows), `mse_r_eq_t` (rows with r = t: the instantaneous velocity) and
+    `mse_r_neq_t` (r != t: the MeanFlow identity target); a key of a row kind absent from the batch is NaN."""
+    per_row = sq_error.flatten(1).mean(dim=1).float()
+    same = (r == t).float()
+
+    def masked_mean(mask: Tensor) -> Tensor:  # no host sync: masked sums, NaN for an empty row kind
+        count = mask.sum()
+        return torch.where(count > 0, (per_row * mask).sum() / count.clamp(min=1.0), torch.full_like(count, math.nan))
+
+    return {"mse": per_row.mean(), "mse_r_eq_t": masked_mean(same), "mse_r_neq_t": masked_mean(1.0 - same)}
+
+
 class MeanFlowLoss:
     """MeanFlow objective, generalised (MeanFlow arXiv 2505.13447 Eq. 9-11; MF-RAE arXiv 2511.13019 Prop. 3.1):
 
@@ -675,6 +691,7 @@ class MeanFlowLoss:
         self.null_class = _check_null_class(null_class, " and ".join(uses))
         self.guidance = guidance
         self.schedule = schedule
+        self.last_stats: dict[str, Tensor] = {}  # `unweighted_meanflow_error` of the last call, for the log
         self.beta_scale = 1.0  # lambda of arXiv 2511.19065: 1 / E[1 - (t - r)] over the r != t rows
         self.alpha_norm = 1.0
         if schedule is not None:
@@ -694,8 +711,9 @@ class MeanFlowLoss:
         w = mixed_velocity(one_point_velocity(x, noise), self.teacher_velocity(z, t, y), self.teacher_mix)
         w = self.guided_velocity(net, w, z, t, y)  # v_tilde (MeanFlow Eq. 19); w without guidance
         u, u_tgt = self.prediction_and_target(net, z, t, r, y, w, self.gap_rows(t, r, part))  # sg(w - (t - r) du/dt)
-        loss = adaptive_weighting(per_sample((u - u_tgt).square(), "sum"), self.adaptive_p, self.adaptive_c,
-                                  self.adaptive_squared)
+        sq_error = (u - u_tgt).square()
+        self.last_stats = unweighted_meanflow_error(sq_error.detach(), t, r)
+        loss = adaptive_weighting(per_sample(sq_error, "sum"), self.adaptive_p, self.adaptive_c, self.adaptive_squared)
         return loss if self.schedule is None else loss * self.row_weights(t, r, step).to(loss.dtype)
 
     # -- its pieces (public so tests and callers can check each equation) -------------------------
@@ -767,6 +785,7 @@ __all__ = [
     "adaptive_weighting",
     "mixed_velocity",
     "meanflow_target",
+    "unweighted_meanflow_error",
     "progressive_gap_weight",
     "min_snr_velocity_weight",
     "finite_difference_derivative",

@@ -44,7 +44,7 @@ class ModelConfig:
 
     preset: str | None = "XL"  # size name (S/B/L/XL); None: everything from `options`
     options: dict = field(default_factory=dict)  # DiTDHConfig / ViTDecoderConfig fields overriding the preset
-    init: str | None = None  # start from these weights (ours or released; a teacher initialises a student)
+    init: str | None = None  # start from these weights (ours or released; a teacher initialises a student); "scratch": random
 
 
 @dataclass
@@ -68,6 +68,17 @@ class OptimConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging (`pip install 'mfrae[wandb]'`): scalars and preview grids of rank 0."""
+
+    project: str = "mfrae"
+    mode: Literal["online", "offline", "disabled"] = "online"  # offline: files only, `wandb sync` later
+    entity: str | None = None
+    name: str | None = None  # default: the run directory's name
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LoopConfig:
     steps: Count = 1000
     global_batch: Count = 256  # samples per optimizer step over all processes
@@ -86,7 +97,8 @@ class LoopConfig:
     # A larger pre-clip gradient norm stops the run as diverged (inf: never).
     max_grad_norm: Annotated[float, Bounds(gt=0, finite=False)] = 1e4
     fail_on_bad_images: bool = False
-    tensorboard: bool = True
+    tensorboard: bool = True  # RUN_DIR/tensorboard: every logged scalar and the preview grids
+    wandb: WandbConfig | None = None  # e.g. {project: mfrae, mode: offline}; None: no W&B logging
 
 
 @dataclass

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import importlib
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -34,10 +37,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mfrae.checkpoint import load_model, load_state_dict_strict, save_model
 from mfrae.data import make_loader
-from mfrae.distributed import (BatchPart, DistInfo, all_mean, any_true, average_gradients, broadcast_module, gather_objects,
-                               process_group)
+from mfrae.distributed import (BatchPart, DistInfo, all_max, all_mean, any_true, average_gradients, broadcast_module,
+                               gather_objects, process_group)
 from mfrae.errors import CheckpointError, ConfigError
-from mfrae.images import save_image_grid
+from mfrae.images import make_grid, save_image_grid, to_uint8_nhwc
+from mfrae.config import to_dict
 from mfrae.train.config import LoopConfig, TrainConfig
 from mfrae.train.optim import EMA, learning_rate, set_learning_rate
 from mfrae.train.parts import Player, StageParts
@@ -110,6 +114,106 @@ def train(
     """
     with process_group() as info:
         return _Trainer(cfg, RunDir(out), info, build).fit(resume, command or command_line())
+
+
+#################################################################################
+#                                  Loggers                                      #
+#################################################################################
+
+
+class RunLogger:
+    """Where rank 0 sends what it logs besides metrics.jsonl: the scalars of each logged step and the preview
+    grids (uint8 HWC). TensorBoard (`train.tensorboard`) and Weights & Biases (`train.wandb`) implement it."""
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def image(self, tag: str, grid, step: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class TensorBoardLogger(RunLogger):
+    """Event files in RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR`)."""
+
+    def __init__(self, logdir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(logdir))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def image(self, tag: str, grid, step: int) -> None:
+        self.writer.add_image(tag, grid, step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLogger(RunLogger):
+    """A Weights & Biases run; its id is derived from the run directory, so `--resume` continues it."""
+
+    def __init__(self, cfg: TrainConfig, root: Path):
+        import wandb
+
+        self.wandb = wandb
+        options = cfg.train.wandb
+        self.run = wandb.init(project=options.project, mode=options.mode, entity=options.entity,
+                              name=options.name or root.name, tags=list(options.tags), config=to_dict(cfg),
+                              id=wandb_run_id(root), resume="allow", dir=_wandb_dir(root))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def image(self, tag: str, grid, step: int) -> None:
+        self.run.log({tag: self.wandb.Image(grid)}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _wandb_dir(root: Path) -> str:
+    """WANDB_DIR when set (W&B's own setting), else the run directory (its files then live with the run)."""
+    return os.environ.get("WANDB_DIR") or str(root)
+
+
+def wandb_run_id(root: Path) -> str:
+    """A W&B run id fixed by the run directory's absolute path (the same on every --resume)."""
+    return "mfrae-" + hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+
+
+# Each logger: (config switch in words, module it imports, how to install it).
+_LOGGER_IMPORTS = {"tensorboard": ("train.tensorboard", "tensorboard", "pip install tensorboard"),
+                   "wandb": ("train.wandb", "wandb", "pip install 'mfrae[wandb]'")}
+
+
+def requested_loggers(loop: LoopConfig) -> list[str]:
+    return [name for name, on in (("tensorboard", loop.tensorboard), ("wandb", loop.wandb is not None)) if on]
+
+
+def check_loggers(loop: LoopConfig) -> None:
+    """Refuse, in one line at the start of a run, a configured logger whose package cannot be imported."""
+    for name in requested_loggers(loop):
+        key, module, install = _LOGGER_IMPORTS[name]
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(f"{key} is on but `{module}` cannot be imported ({err}): {install}, or turn it "
+                              f"off ({key}={'false' if name == 'tensorboard' else 'null'})") from None
+
+
+def open_loggers(cfg: TrainConfig, root: Path) -> list[RunLogger]:
+    """The loggers `cfg.train` asks for, started."""
+    loggers: list[RunLogger] = []
+    for name in requested_loggers(cfg.train):
+        loggers.append(TensorBoardLogger(root / "tensorboard") if name == "tensorboard" else WandbLogger(cfg, root))
+    return loggers
 
 
 class _PlayerState:
@@ -188,7 +292,7 @@ class _Trainer:
             num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory,
             prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers > 0 else None,
         )
-        self.writer = None
+        self.loggers: list[RunLogger] = []
         self.check_every_step = info.device.type in EVERY_STEP_CHECK_DEVICES  # else: `divergence_check_due`
         self.last_good: Path | None = None  # the newest checkpoint (written or resumed) with checked weights
         self.last_good_step = 0
@@ -305,14 +409,10 @@ class _Trainer:
 
     # -- logging and previews ---------------------------------------------------------------------
 
-    def _open_tensorboard(self) -> None:
-        if not (self.cfg.train.tensorboard and self.info.is_main):
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional
-            return
-        self.writer = SummaryWriter(str(self.run.root / "tensorboard"))
+    def _open_loggers(self) -> None:
+        """Start the configured loggers on rank 0 (their imports were checked before the run started)."""
+        if self.info.is_main:
+            self.loggers = open_loggers(self.cfg, self.run.root)
 
     def _preview(self) -> None:
         if self.parts.preview is None or not self.info.is_main:
@@ -321,12 +421,16 @@ class _Trainer:
         images = self.parts.preview(self.ema.model, torch.Generator().manual_seed(1234), self.cfg.train.sample_count)
         if images is not None:
             save_image_grid(images, self.run.samples / f"step_{self.step:08d}.png")
+            grid = make_grid(to_uint8_nhwc(images))
+            for logger in self.loggers:
+                logger.image(f"{self.cfg.stage}/samples", grid, self.step)
 
     # -- the loop ---------------------------------------------------------------------------------
 
     def fit(self, resume: bool, command: list[str]) -> Path | None:
         """Train from step 0, or on --resume from the run's latest checkpoint, to train.steps; returns the last
         checkpoint folder. Rank 0 holds the run directory's lock from the first check to the last write."""
+        check_loggers(self.cfg.train)  # a logger that cannot be imported: refused before anything is written
         try:
             self._open_run(resume, command)
             return self._loop()
@@ -337,7 +441,7 @@ class _Trainer:
         cfg, loop, info = self.cfg, self.cfg.train, self.info
         for p in self.players:  # every process starts from rank 0's player weights
             broadcast_module(p.player.module, info)
-        self._open_tensorboard()
+        self._open_loggers()
         progress = None
         if info.is_main:
             from tqdm.auto import tqdm
@@ -346,6 +450,7 @@ class _Trainer:
         data = iter(self.loader)
         loss_sum = torch.zeros((), device=info.device)
         loss_count = 0
+        grad_max = torch.zeros((), device=info.device)  # the largest pre-clip gradient norm of the log window
         extra_logs: dict[str, Tensor | float] = {}
         window_start, window_steps = time.perf_counter(), 0
         self.net.train()
@@ -365,6 +470,7 @@ class _Trainer:
                     step_loss += loss.detach()
                 # Pre-clip global norm (clipping is off with grad_clip = 0: the norm is still measured).
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip or math.inf)
+                grad_max = torch.maximum(grad_max, grad_norm.detach().float())
                 # On CPU the check is free; on GPU it waits for the log / checkpoint steps and the last step.
                 if divergence_check_due(step + 1, loop, self.check_every_step) and self._is_bad(step_loss, grad_norm):
                     self._diverged(step, step_loss, grad_norm)
@@ -384,7 +490,8 @@ class _Trainer:
                     gnorm = float(all_mean(grad_norm.detach().float(), info))
                     elapsed = time.perf_counter() - window_start
                     record = {
-                        "step": self.step, "loss": mean_loss, "grad_norm": gnorm, "lr": lr,
+                        "step": self.step, "loss": mean_loss, "grad_norm": gnorm,
+                        "grad_norm_max": float(all_max(grad_max, info)), "lr": lr,
                         "steps_per_sec": window_steps / elapsed if elapsed > 0 else 0.0,
                         "samples_per_sec": window_steps * loop.global_batch / elapsed if elapsed > 0 else 0.0,
                         "epoch": self.loader.epoch, **self._scalars(extra_logs),
@@ -398,13 +505,14 @@ class _Trainer:
                         record["bad_images"] = bad_files
                     if info.is_main:
                         self.run.log_metrics(record)
-                        if self.writer is not None:
-                            for key, value in record.items():
-                                if key != "step" and isinstance(value, (int, float)):
-                                    self.writer.add_scalar(f"{cfg.stage}/{key}", value, self.step)
+                        scalars = {f"{cfg.stage}/{k}": float(v) for k, v in record.items()
+                                   if k != "step" and isinstance(v, (int, float))}
+                        for logger in self.loggers:
+                            logger.scalars(scalars, self.step)
                         progress.set_postfix(loss=f"{mean_loss:.4g}", gnorm=f"{gnorm:.3g}", lr=f"{lr:.2g}", refresh=False)
                     loss_sum.zero_()
                     loss_count, window_steps, window_start = 0, 0, time.perf_counter()
+                    grad_max.zero_()
                 if progress is not None:
                     progress.update(1)
 
@@ -415,8 +523,8 @@ class _Trainer:
         finally:
             if progress is not None:
                 progress.close()
-            if self.writer is not None:
-                self.writer.close()
+            for logger in self.loggers:
+                logger.close()
             self.loader.close()
         return self.last_good
 

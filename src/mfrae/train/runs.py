@@ -19,7 +19,9 @@ One process at a time: `claim` takes an exclusive lock for the run's lifetime an
 may hold the run (a new run: a new or empty directory; `--resume`: a complete checkpoint). Run files are
 never written through symbolic links. The rules, in the user's terms: docs/checkpoints.md, section 12.
 
-`resolve_weights(spec)` turns "a run directory, a checkpoint folder or a file" into the weights file to load.
+`resolve_weights(spec)` turns "a run directory, a checkpoint folder or a file" into the weights file to load
+(a model folder of `mfrae export`, local or on the Hub, into that folder); `run_config(spec)` gives the config
+that sampling reads from a run directory or a model folder.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 import yaml
 
 import mfrae
+from mfrae.checkpoint import download_model_folder, hub_repo_id, is_model_folder, read_model_folder
 from mfrae.config import to_dict
 from mfrae.errors import CheckpointError, ConfigError
 from mfrae.fileio import append_text, atomic_write_text, fsync_dir, fsync_file
@@ -443,12 +446,19 @@ def load_state(path: Path) -> dict:
 
 
 def resolve_weights(spec: str | Path, which: str = "ema") -> str:
-    """A weights file from a run directory (its latest checkpoint), a checkpoint folder, or a file / hf:// name."""
+    """A weights file from a run directory (its latest checkpoint), a checkpoint folder, or a file / hf:// name.
+
+    A model folder of `mfrae export` is returned as it is (every loader of `mfrae.checkpoint` reads the file of
+    its kind from it); a Hub model folder (`owner/name[@rev]` that is no local path, or `hf://owner/name`) is
+    downloaded whole and its local copy returned."""
     spec = str(spec)
     path = Path(spec)
-    if spec.startswith("hf://") or path.is_file():
+    repo = hub_repo_id(spec)
+    if spec.startswith("hf://") and repo is None or path.is_file():
         return spec
     if path.is_dir():
+        if is_model_folder(path):
+            return spec
         run = RunDir(path)
         if (path / CHECKPOINTS).is_dir():
             ckpt = run.latest_checkpoint()
@@ -460,8 +470,29 @@ def resolve_weights(spec: str | Path, which: str = "ema") -> str:
         for name in ("stats.safetensors", "stat.pt"):
             if (path / name).is_file():
                 return str(path / name)
-        raise FileNotFoundError(f"{spec}: a folder, but neither a run directory nor a checkpoint")
+        raise FileNotFoundError(f"{spec}: a folder, but neither a run directory, a checkpoint nor a model folder")
+    if repo is not None and not spec.startswith(("/", ".", "~")):
+        try:
+            return str(download_model_folder(repo))
+        except FileNotFoundError as err:
+            if spec.startswith("hf://"):
+                raise
+            raise FileNotFoundError(f"no such file or run directory: {spec} (nor a Hub model folder: {err})") from None
     raise FileNotFoundError(f"no such file or run directory: {spec}")
+
+
+def run_config(spec: str | Path) -> dict:
+    """The resolved config of what `spec` names, as far as sampling needs it: a run directory's config.yaml; for
+    a model folder (local or on the Hub), its `rae` section pointing at the decoder, statistics and encoder
+    inside the folder and its `objective.shift`; {} for anything else (a checkpoint folder, a file)."""
+    folder = Path(resolve_weights(spec)) if hub_repo_id(str(spec)) and not Path(spec).exists() else Path(spec)
+    if folder.is_dir() and is_model_folder(folder):
+        config = read_model_folder(folder)
+        rae = read_model_folder(config["rae"]) if config["kind"] != "rae" else config
+        section = {"encoder": rae["encoder"], "decoder": rae["decoder"], "stats": rae.get("stats")}
+        return {"stage": config.get("stage"), "rae": section, "objective": {"shift": config.get("shift")}}
+    saved = RunDir(folder).saved_config() if folder.is_dir() else None
+    return saved or {}
 
 
 def command_line() -> list[str]:

@@ -45,6 +45,8 @@ from mfrae.train.runs import resolve_weights
 
 # Constructor arguments the builder supplies itself: never config options.
 BUILDER_SUPPLIED = ("teacher", "null_class")
+# `model.init` value of a latent stage that starts from random weights (e.g. MeanFlow from scratch, arXiv 2511.19065).
+SCRATCH = "scratch"
 
 
 @dataclass(frozen=True)
@@ -79,16 +81,22 @@ def frozen_teacher(spec: str, device: torch.device) -> DiTDH:
     return teacher.to(device).eval().requires_grad_(False)
 
 
+def with_schedule_horizon(cfg: TrainConfig) -> dict:
+    """The `objective` section with an ImprovedSchedule's horizon defaulting to the whole run (arXiv 2511.19065)."""
+    options = dict(cfg.objective)
+    schedule = options.get("schedule")
+    if isinstance(schedule, dict) and "total_steps" not in schedule:
+        options["schedule"] = {**schedule, "total_steps": cfg.train.steps}
+    return options
+
+
 def objective_options(cfg: TrainConfig, latent_shape, spec: StageSpec) -> tuple[dict, dict]:
     """(options to build the objective with, the resolved options to record in config.yaml).
 
     Configured options override the stage's defaults; the time shift defaults to sqrt(C H W / 4096)
     (the dimension-dependent shift of RAE, arXiv 2510.11690); an ImprovedSchedule's horizon defaults to the whole run (arXiv 2511.19065).
     """
-    options = {"shift": dimension_shift(latent_shape), **spec.defaults, **cfg.objective}
-    schedule = options.get("schedule")
-    if isinstance(schedule, dict) and "total_steps" not in schedule:
-        options["schedule"] = {**schedule, "total_steps": cfg.train.steps}
+    options = {"shift": dimension_shift(latent_shape), **spec.defaults, **with_schedule_horizon(cfg)}
     resolved = to_dict({**option_defaults(spec.objective, skip=BUILDER_SUPPLIED), **options})
     return options, resolved
 
@@ -182,8 +190,9 @@ def meanflow_stage(cfg: TrainConfig, info: DistInfo, spec: StageSpec) -> StagePa
     teacher = frozen_teacher(cfg.teacher, device) if cfg.teacher else None
     init = cfg.model.init or cfg.teacher  # a teacher file initialises everything but the interval embedding
     if init is None:
-        raise ConfigError(f"stage {cfg.stage} starts from trained weights: set model.init (or teacher)")
-    net = load_dit_dh(resolve_weights(init), config)
+        raise ConfigError(f"stage {cfg.stage} starts from trained weights: set model.init (or teacher), "
+                          f"or model.init={SCRATCH} for random weights")
+    net = DiTDH(config) if init == SCRATCH else load_dit_dh(resolve_weights(init), config)
     net.grad_checkpointing = cfg.train.grad_checkpointing
     options, resolved = objective_options(cfg, inputs.shape, spec)
     objective = build_from_options(spec.objective, options, "objective",
@@ -195,8 +204,10 @@ def meanflow_stage(cfg: TrainConfig, info: DistInfo, spec: StageSpec) -> StagePa
         noise = torch.randn(count, *inputs.shape, generator=generator).to(device)
         return _decoded(rae, meanflow_sample(ema, noise, _preview_labels(count, classes, device), steps=1))
 
+    # MeanFlow's weighted loss L / sg(L + c) stays near 1: log the plain MSE per row kind next to it.
+    log_stats = (lambda: objective.last_stats) if spec.objective is MeanFlowLoss else None
     return StageParts(net, objective, inputs.dataset, inputs.prepare, preview, objective_config=resolved,
-                      evaluate=evaluate)
+                      evaluate=evaluate, log_stats=log_stats)
 
 
 #################################################################################
@@ -222,7 +233,7 @@ def check_stage_options(cfg: TrainConfig) -> None:
     if dataclasses.is_dataclass(spec.objective):
         from_dict(spec.objective, cfg.objective, "objective")
     else:
-        check_options(spec.objective, cfg.objective, "objective", skip=BUILDER_SUPPLIED)
+        check_options(spec.objective, with_schedule_horizon(cfg), "objective", skip=BUILDER_SUPPLIED)
     if spec.objective is MeanFlowLoss:
         check_row_layout(cfg, spec)
 
