@@ -23,7 +23,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("mfrae.sample", "generate images with a teacher (ODE) or MeanFlow (1, 2 or N jumps) checkpoint"),
     "study": ("mfrae.study", "test the papers' claims at small scale on the digits (ablations, seeds, verdicts, report)"),
     "export": ("mfrae.export", "write a Hub-ready model folder (safetensors, config, model card) from a run or checkpoint"),
-    "app": ("mfrae.app", "an interactive page (Gradio) that generates images in 1, 2 or N steps"),
 }
 
 
