@@ -144,6 +144,14 @@ class Study:
         self.out, self.base, self.s = out, base, settings
         self.demo = Demo(base, DEMO_FAST if settings.demo == "fast" else DEMO_FULL)
         self.results: dict[str, list[RunResult]] = {}
+        self._rae = None
+
+    @property
+    def rae(self):
+        """The base run's RAE, loaded once (for the init's FD, the cost plot and the sample comparison)."""
+        if self._rae is None:
+            self._rae = self.demo.rae()
+        return self._rae
 
     # -- the base ---------------------------------------------------------------------------------
 
@@ -174,7 +182,7 @@ class Study:
         every = max(LOG_EVERY, spec.steps // s.eval_points // LOG_EVERY * LOG_EVERY)
         keep = spec.keep_every or spec.steps
         return [
-            *self.demo.common_overrides()[:-1], f"train.seed={seed}", f"train.steps={spec.steps}",
+            *[o for o in self.demo.common_overrides() if not o.startswith("train.seed=")], f"train.seed={seed}", f"train.steps={spec.steps}",
             f"train.log_every={LOG_EVERY}", f"train.ckpt_every={keep}", f"train.keep_last={spec.steps // keep + 1}",
             "train.sample_count=10",
             f"eval.every={every}", f"eval.num_samples={s.eval_samples}", "eval.steps=[1, 2]", f"eval.seed={EVAL_SEED}",
@@ -451,7 +459,7 @@ def init_quality(study: Study) -> dict[str, float]:
 
     spec = RunSpec("init", "mfd", study.s.steps, str(study.base / "cmt"))
     cfg = load_stage_config("mfd", "digits", study.overrides(spec, 0))
-    evaluate = meanflow_evaluator(cfg.eval, study.demo.rae(), 10, DistInfo())
+    evaluate = meanflow_evaluator(cfg.eval, study.rae, 10, DistInfo())
     result = evaluate(load_dit_dh(resolve_weights(study.base / "cmt")).eval(), 0)
     return {"fd_1step": result["eval/fd_1step"], "fd_2step": result["eval/fd_2step"],
             "class_acc_1step": result.get("eval/class_acc_1step", math.nan)}
@@ -467,7 +475,7 @@ def quality_against_cost(study: Study, models: dict[str, str]) -> dict[str, list
     from mfrae.train.runs import resolve_weights
     from mfrae.train.stages import load_stage_config
 
-    rae = study.demo.rae()
+    rae = study.rae
     judge = DigitsJudge.load(study.base / "judge.safetensors")
     reference = FeatureStats.load(study.base / "judge_reference.npz")
     shift = load_stage_config("teacher", "digits", study.demo.common_overrides()).objective.get("shift", 1.0)
@@ -495,7 +503,7 @@ def comparison_samples(study: Study, models: dict[str, str]) -> tuple[dict[str, 
     from mfrae.generation import SampleSettings, generate
     from mfrae.train.runs import resolve_weights
 
-    rae = study.demo.rae()
+    rae = study.rae
     labels = torch.arange(10).repeat_interleave(study.s.comparison_per_class)
     images = {}
     for name, path in models.items():
@@ -518,20 +526,12 @@ CLAIMS = {
 }
 
 
-def _curves(r: dict[str, list[RunResult]], names: list[str], attr: str = "curve") -> dict[str, dict[float, list[float]]]:
+def _curves(r: dict[str, list[RunResult]], names: list[str], mse: str | None = None) -> dict[str, dict[float, list[float]]]:
+    """run name -> step -> values over seeds: the 1-step FD curve, or the logged MSE `mse` when named."""
     out: dict[str, dict[float, list[float]]] = {}
     for n in names:
         for res in r.get(n, []):
-            for step, value in getattr(res, attr).items():
-                out.setdefault(n, {}).setdefault(float(step), []).append(float(value))
-    return out
-
-
-def _mse_curves(r: dict[str, list[RunResult]], names: list[str], key: str) -> dict[str, dict[float, list[float]]]:
-    out: dict[str, dict[float, list[float]]] = {}
-    for n in names:
-        for res in r.get(n, []):
-            for step, value in res.mse.get(key, {}).items():
+            for step, value in (res.curve if mse is None else res.mse.get(mse, {})).items():
                 out.setdefault(n, {}).setdefault(float(step), []).append(float(value))
     return out
 
@@ -559,9 +559,9 @@ def write_report(out: Path, summary: dict, r: dict[str, list[RunResult]], sample
                                ylabel="final 1-step FD", title="5. Guidance-free against guidance in the target"),
         "cmt_budget": bar_figure({f"CMT {c} / MFD {s.grid_total - c}": list(v) for c, v in grid_points(r, s).items()},
                                  ylabel="final 1-step FD", title=f"6. CMT against MFD steps, {s.grid_total} in all"),
-        "mse": curves_figure(_mse_curves(r, ["mfd", "mft", "diag_adaptive_p0"], "mse_r_neq_t"), xlabel="step",
+        "mse": curves_figure(_curves(r, ["mfd", "mft", "diag_adaptive_p0"], "mse_r_neq_t"), xlabel="step",
                              ylabel="unweighted MSE, r != t rows", title="Unweighted MeanFlow MSE (r != t rows)", logy=True),
-        "mse_eq": curves_figure(_mse_curves(r, ["mfd", "mft", "diag_adaptive_p0"], "mse_r_eq_t"), xlabel="step",
+        "mse_eq": curves_figure(_curves(r, ["mfd", "mft", "diag_adaptive_p0"], "mse_r_eq_t"), xlabel="step",
                                 ylabel="unweighted MSE, r = t rows", title="Unweighted MeanFlow MSE (r = t rows)", logy=True),
         "diagnosis": curves_figure(_curves(r, ["mfd", "diag_lr_1e-4", "diag_adaptive_p0", "diag_fraction_0.25",
                                                "diag_ema_0.999"]), xlabel="step", ylabel="1-step FD",
@@ -647,19 +647,10 @@ def run_study(out: Path, base: Path, s: StudySettings) -> dict:
     }
     summary["seconds_total"] = time.perf_counter() - start
     write_report(out, summary, r, samples, labels, cost, s)
-    (out / "study.json").write_text(json.dumps(_json_safe(summary), indent=1))
+    from mfrae.report import json_safe
+
+    (out / "study.json").write_text(json.dumps(json_safe(summary, "study"), indent=1))
     return summary
-
-
-def _json_safe(value):
-    """NaN / inf as null (strict JSON), dict keys as strings."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
