@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from mfrae.config import from_dict
 from mfrae.errors import CheckpointError, ConfigError
 from mfrae.fileio import commit, temp_path
+from mfrae.hub import download_model_folder, first_line as _first_line, hub_repo_id
 from mfrae.layers import swiglu_hidden
 from mfrae.models.dit_dh import DiTDH, DiTDHConfig
 from mfrae.models.rae import LatentStats
@@ -84,10 +85,6 @@ def resolve_path(spec: str | Path) -> Path:
 # The global torch's weights-only unpickler names when it blocks one: "GLOBAL posix.system whose module posix
 # is blocked" or "Unsupported global: GLOBAL builtins.eval was not an allowed global".
 _BLOCKED_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
-
-
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 def load_torch_file(spec: str | Path) -> dict:
@@ -496,31 +493,6 @@ def save_latent_stats(stats: LatentStats, path: str | Path) -> Path:
 # Layout and rules: docs/huggingface.md, section 3.
 FOLDER_CONFIG = "config.json"
 FOLDER_LIBRARY = "mfrae"
-_HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
-
-
-def hub_repo_id(spec: str) -> str | None:
-    """"owner/name[@rev]" of a Hub model folder named `hf://owner/name[@rev]` or `owner/name[@rev]`, else None."""
-    name = spec[len("hf://"):] if spec.startswith("hf://") else spec
-    return name if _HUB_REPO.fullmatch(name) else None
-
-
-def download_model_folder(repo: str) -> Path:
-    """The local copy (Hugging Face cache) of the Hub model folder `owner/name[@rev]`; FileNotFoundError when
-    huggingface_hub is missing or the repository cannot be reached."""
-    repo_id, _, revision = repo.partition("@")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise FileNotFoundError(f"{repo}: install `huggingface_hub` (pip install 'mfrae[hub]') to read Hub "
-                                "model folders") from None
-    try:
-        return Path(snapshot_download(repo_id=repo_id, revision=revision or None))
-    except Exception as err:  # offline, missing or private repository: one line naming it
-        raise FileNotFoundError(f"cannot download the Hub model folder {repo}: {type(err).__name__}: "
-                                f"{_first_line(str(err))}") from None
-
-
 def is_model_folder(path: str | Path) -> bool:
     """Whether `path` is a local folder with an mfrae config.json (written by `mfrae export`)."""
     config = Path(path) / FOLDER_CONFIG

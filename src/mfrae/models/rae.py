@@ -15,11 +15,13 @@ The encoder is frozen and excluded from `state_dict()`: checkpoints hold the dec
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from mfrae.errors import CheckpointError
+from mfrae.models import diffusers_format as hf
 from mfrae.models.encoders import IMAGENET_MEAN, IMAGENET_STD, RepresentationEncoder, grid_to_tokens, tokens_to_grid
 from mfrae.models.vit_decoder import ViTDecoder
 
@@ -85,6 +87,23 @@ class LatentStats(nn.Module):
                 f"{self.encoder_fingerprint}), but the RAE's encoder is {encoder.name!r} (fingerprint {found}); "
                 "compute statistics for this encoder with `mfrae stats`"
             )
+
+
+class DiffusersLatentStats(LatentStats):
+    """The latent normalisation of diffusers' `AutoencoderRAE`: z_norm = (z - mean) / (std + 1e-5) * scaling_factor
+    (not `stat.pt`'s sqrt(var + eps)). `var` holds the matching (std + 1e-5)^2 - eps for code that reads it."""
+
+    def __init__(self, mean: Tensor, std: Tensor, scaling_factor: float = 1.0, source: str | None = None):
+        scale = std.float() + hf.LATENT_STD_EPS
+        super().__init__(mean, (scale.square() - 1e-5).clamp_min(0), eps=1e-5, source=source)
+        self.scaling_factor = float(scaling_factor)
+        self.register_buffer("std", std.float().clone())
+
+    def normalize(self, z: Tensor) -> Tensor:
+        return (z - self.mean) / (self.std + hf.LATENT_STD_EPS) * self.scaling_factor
+
+    def denormalize(self, z: Tensor) -> Tensor:
+        return z / self.scaling_factor * (self.std + hf.LATENT_STD_EPS) + self.mean
 
 
 class RAE(nn.Module):
@@ -191,6 +210,67 @@ class RAE(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """Reconstruction D(E(x)) (noise-augmented in training mode)."""
         return self.decode_tokens(self.encode_tokens(images))
+
+    # ------------------------------------------------------------------ diffusers AutoencoderRAE folders
+
+    @classmethod
+    def from_pretrained(cls, spec: str | Path, with_encoder: bool = True) -> "RAE":
+        """An RAE from a diffusers `AutoencoderRAE` folder, Hub id or `hf://owner/name[@rev]` (e.g.
+        `nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08`): encoder, decoder and latent statistics with diffusers'
+        normalisation, every key checked. `with_encoder=False` skips the encoder's weights (decoding only)."""
+        folder = hf.locate(spec)
+        source = str(folder)
+        config, state = hf.read_config(folder), hf.read_weights(folder)
+        hf.check_keys(state, source)
+        decoder = hf.decoder_from_state(config, state, source)
+        encoder = hf.encoder_from_state(config, state, source) if with_encoder else None
+        g = math.isqrt(decoder.config.num_patches)
+        shape = (decoder.config.encoder_hidden_size, g, g)
+        normalisation = hf.latent_normalisation(config, state, shape, source)
+        stats = None if normalisation is None else DiffusersLatentStats(*normalisation, source=source)
+        mean, std = hf.pixel_normalisation(config, state)
+        return cls(encoder, decoder, stats, noise_tau=float(config.get("noise_tau", 0.0)),
+                   image_mean=tuple(mean), image_std=tuple(std))
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write a folder that diffusers' `AutoencoderRAE.from_pretrained` loads and that encodes and decodes as
+        this RAE does; ValueError for what diffusers cannot express (another encoder, decoder LayerNorm eps)."""
+        if self.encoder is None or self.decoder is None:
+            raise ValueError("save_pretrained needs an RAE with both its encoder and its decoder")
+        fields = hf.encoder_fields(self.encoder)
+        dec = self.decoder.config
+        if dec.num_patches != self.encoder.num_tokens:
+            raise ValueError(f"the decoder reads {dec.num_patches} tokens, the encoder makes {self.encoder.num_tokens}; "
+                             "diffusers needs them equal")
+        if dec.layer_norm_eps != 1e-12:
+            raise ValueError(f"diffusers' RAE decoder uses LayerNorm eps 1e-12, this one {dec.layer_norm_eps}")
+        mean, std, scaling = self._diffusers_latent_normalisation()
+        config = {
+            **fields,
+            "decoder_hidden_size": dec.hidden_size, "decoder_num_hidden_layers": dec.num_layers,
+            "decoder_num_attention_heads": dec.num_heads, "decoder_intermediate_size": dec.intermediate_size,
+            "patch_size": dec.patch_size, "image_size": dec.image_size, "num_channels": dec.num_channels,
+            "encoder_norm_mean": self.image_mean.flatten().tolist(),
+            "encoder_norm_std": self.image_std.flatten().tolist(),
+            "latents_mean": None if mean is None else mean.tolist(),
+            "latents_std": None if std is None else std.tolist(),
+            "noise_tau": self.noise_tau, "reshape_to_2d": True, "use_encoder_loss": False, "scaling_factor": scaling,
+        }
+        state = {"encoder." + k: v for k, v in self.encoder.model.state_dict().items()}
+        state.update({"decoder." + hf.decoder_key_to_diffusers(k): v for k, v in self.decoder.state_dict().items()
+                      if k not in ("decoder_pos_embed",)})
+        state["encoder_mean"], state["encoder_std"] = self.image_mean.reshape(1, 3, 1, 1), self.image_std.reshape(1, 3, 1, 1)
+        state["_latents_mean"] = mean if mean is not None else torch.zeros(1)
+        state["_latents_std"] = std if std is not None else torch.ones(1)
+        return hf.write_folder(directory, config, state)
+
+    def _diffusers_latent_normalisation(self) -> tuple[Tensor | None, Tensor | None, float]:
+        """(mean, std, scaling) such that diffusers' (z - mean) / (std + 1e-5) * scaling is this RAE's."""
+        if self.stats is None:
+            return None, None, 1.0
+        if isinstance(self.stats, DiffusersLatentStats):
+            return self.stats.mean.cpu(), self.stats.std.cpu(), self.stats.scaling_factor
+        return self.stats.mean.cpu(), (torch.sqrt(self.stats.var + self.stats.eps) - hf.LATENT_STD_EPS).cpu(), 1.0
 
 
 def _drop_encoder_weights(module, state_dict, prefix, local_metadata):
