@@ -214,3 +214,43 @@ def test_diffusers_rebuilds_the_official_decoder_position_table_only_on_a_16_x_1
         rows, cols = torch.meshgrid(torch.arange(grid) * scale, torch.arange(grid) * scale, indexing="ij")
         scaled = torch.cat([sincos_1d(32, cols.reshape(-1)), sincos_1d(32, rows.reshape(-1))], dim=1).float()
         torch.testing.assert_close(theirs, scaled, atol=1e-5, rtol=1e-5)
+
+
+def test_round_trip_diffusers_rae_to_mfrae_sampling(tmp_path):
+    """`mfrae sample --rae FOLDER`: the images are diffusers' decoding of mfrae's 1-step latents."""
+    import numpy as np
+
+    from mfrae.checkpoint import save_model
+    from mfrae.cli import main
+    from mfrae.flow.samplers import meanflow_sample
+    from mfrae.generation import sample_noise
+    from mfrae.models.dit_dh import DiTDH, DiTDHConfig
+
+    theirs = diffusers_rae("dinov2")
+    theirs.save_pretrained(tmp_path / "rae")
+    torch.manual_seed(0)
+    student = DiTDH(DiTDHConfig(input_size=16, in_channels=WIDTH, hidden_size=(32, 48), depth=(1, 1),
+                                num_heads=(2, 2), num_classes=10, interval_embedding=True))
+    _randomize(student, 0.05)
+    save_model(student, tmp_path / "student.safetensors")
+    out = tmp_path / "samples"
+    assert main(["sample", "--ckpt", str(tmp_path / "student.safetensors"), "--rae", str(tmp_path / "rae"),
+                 "--steps", "1", "--num-samples", "4", "--labels", "0,1,2,3", "--out", str(out), "--no-png",
+                 "--device", "cpu"]) == 0
+    written = np.load(out / "samples.npz")["arr_0"]
+    with torch.no_grad():
+        z = meanflow_sample(student.eval(), sample_noise(student.latent_shape, range(4), 0), torch.arange(4), steps=1)
+        expected = (theirs.decode(z).sample.clamp(0, 1) * 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()
+    assert written.shape == (4, PIXELS, PIXELS, 3)
+    assert np.abs(written.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_rae_sources_are_one_or_the_other(tmp_path):
+    from mfrae.errors import ConfigError
+    from mfrae.pipeline import RAEConfig, check_rae_sources
+
+    with pytest.raises(ConfigError, match=r"rae.pretrained .* unset rae.decoder and rae.stats"):
+        check_rae_sources(RAEConfig(pretrained="owner/rae", decoder="d.pt", stats="s.pt"))
+    check_rae_sources(RAEConfig(pretrained="owner/rae"))
+    with pytest.raises(FileNotFoundError, match="cannot download the Hub model folder nobody/no-such-rae"):
+        RAE.from_pretrained("hf://nobody/no-such-rae")  # the tests run offline (conftest)

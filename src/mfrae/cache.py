@@ -19,6 +19,8 @@ from mfrae.models.encoders import tokens_to_grid
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="preset or YAML file: its `data` and `rae.encoder` are used")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    parser.add_argument("--rae", metavar="FOLDER_OR_HUB_ID",
+                        help="encode with a diffusers AutoencoderRAE's encoder (sets rae.pretrained)")
     parser.add_argument("--out", required=True, help="cache directory (an interrupted build resumes)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shard-size", type=int, default=1024)
@@ -30,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from mfrae.distributed import process_group
     from mfrae.pipeline import build_data, build_rae_encoder, load_pipeline_config
 
-    cfg = load_pipeline_config(args.config, args.set)
+    overrides = args.set + ([f"rae.pretrained={args.rae}"] if args.rae else [])
+    cfg = load_pipeline_config(args.config, overrides)
     with process_group() as info:
         encoder = build_rae_encoder(cfg.rae).to(info.device)
         index = build_latent_cache(

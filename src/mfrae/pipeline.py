@@ -47,6 +47,10 @@ class EncoderConfig:
 
 @dataclass
 class RAEConfig:
+    # A diffusers AutoencoderRAE folder or Hub id (e.g. nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08): encoder,
+    # decoder and statistics in one, with diffusers' latent normalisation; then `encoder` is not used and
+    # `decoder` / `stats` must stay unset (docs/huggingface.md, section 1).
+    pretrained: str | None = None
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: str | None = None  # trained decoder: our run dir / file, or a released model.pt
     stats: str | None = None  # latent statistics: stat.pt, our stats file, or a run dir of `mfrae stats`
@@ -85,6 +89,15 @@ def check_pipeline_options(cfg: PipelineConfig) -> None:
     if cfg.rae.encoder.name not in ENCODERS:
         raise ConfigError(f"rae.encoder.name: unknown encoder {cfg.rae.encoder.name!r}; choose one of {sorted(ENCODERS)}")
     check_options(ENCODERS[cfg.rae.encoder.name], cfg.rae.encoder.options, "rae.encoder.options")
+    check_rae_sources(cfg.rae)
+
+
+def check_rae_sources(rae: RAEConfig) -> None:
+    """A diffusers RAE folder brings its own decoder and statistics: refuse a second source for them."""
+    given = [key for key in ("decoder", "stats") if getattr(rae, key)]
+    if rae.pretrained and given:
+        raise ConfigError(f"rae.pretrained ({rae.pretrained}) holds the decoder and the latent statistics: unset "
+                          + " and ".join(f"rae.{key}" for key in given))
 
 
 #################################################################################
@@ -108,6 +121,9 @@ def num_classes_of(dataset: Dataset) -> int:
 
 
 def build_rae_encoder(rae: RAEConfig) -> RepresentationEncoder:
+    """The frozen encoder: `rae.pretrained`'s (diffusers folder), else the registered `rae.encoder`."""
+    if rae.pretrained:
+        return RAE.from_pretrained(rae.pretrained).encoder
     return build_encoder(rae.encoder.name, **rae.encoder.options)
 
 
@@ -116,6 +132,13 @@ def build_rae(rae: RAEConfig, device: torch.device, stats_needed_by: str | None 
 
     stats_needed_by: who needs `rae.stats` (for the error message when it is not set); None: optional.
     """
+    if rae.pretrained:
+        check_rae_sources(rae)
+        pretrained = RAE.from_pretrained(rae.pretrained)
+        if stats_needed_by and pretrained.stats is None:
+            raise ConfigError(f"{stats_needed_by} trains on normalised RAE latents, and rae.pretrained "
+                              f"({rae.pretrained}) holds no latents_mean / latents_std")
+        return pretrained.to(device).eval()
     if stats_needed_by and not rae.stats:
         raise ConfigError(f"{stats_needed_by} trains on normalised RAE latents: set rae.stats (compute it with `mfrae stats`)")
     stats = load_latent_stats(resolve_weights(rae.stats)) if rae.stats else None

@@ -59,12 +59,14 @@ from mfrae.generation import (NonFiniteSamples, SampleSettings, batches, class_l
                               generate_indices, prefetched_noise)
 from mfrae.images import from_uint8_nhwc, save_image_grid, to_uint8_nhwc
 from mfrae.models.dit_dh import DiTDH
+from mfrae.models.encoders import PIXEL_NORMALISATION
 from mfrae.models.rae import RAE
 from mfrae.pipeline import RAEConfig, build_rae_encoder
 from mfrae.sample_shards import SHARDS, ShardPlan, save_pngs, write_adm_npz
 from mfrae.train.runs import resolve_weights, run_config
 
-__all__ = ["SampleSettings", "class_labels", "generate", "generate_batch", "generate_indices", "add_arguments", "run"]
+__all__ = ["Models", "SampleSettings", "class_labels", "generate", "generate_batch", "generate_indices",
+           "load_backbone", "load_models", "add_arguments", "run"]
 PLAN_FILE = "plan.json"
 MAX_SEED = 2**32 - 1  # seed * 1_000_003 + index must fit a generator's 64-bit seed
 # What a run writes into --out: these files, and in these folders the files matching these patterns.
@@ -101,6 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--decoder", help="RAE decoder (default: the run's rae.decoder)")
     parser.add_argument("--stats", help="latent statistics (default: the run's rae.stats)")
+    parser.add_argument("--rae", metavar="FOLDER_OR_HUB_ID",
+                        help="a diffusers AutoencoderRAE (folder or Hub id) instead of --decoder / --stats")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch and process")
     parser.add_argument("--shard-size", type=int, default=1000,
@@ -153,14 +157,19 @@ def _run_config(ckpt: str) -> dict:
 
 
 def _decode_only_rae(run_rae: RAEConfig, decoder, stats) -> RAE:
-    """Decoding needs the encoder's pixel normalisation only; read it without loading encoder weights."""
-    if run_rae.encoder.name == "dinov2":
-        return RAE(None, decoder, stats)  # ImageNet mean / std, as DINOv2's processor
+    """Decoding needs the encoder's pixel normalisation only; read it without loading encoder weights where the
+    encoder's family fixes it (the Hub encoders), else build the encoder (the small digits encoder)."""
+    options = run_rae.encoder.options
+    if run_rae.encoder.name in PIXEL_NORMALISATION and "image_mean" not in options:
+        mean, std = PIXEL_NORMALISATION[run_rae.encoder.name]
+        return RAE(None, decoder, stats, image_mean=mean, image_std=std)
     return RAE(build_rae_encoder(run_rae), decoder, stats)
 
 
 @dataclass
-class _Models:
+class Models:
+    """What `load_models` returns: the backbone, the optional weak teacher and the decoding RAE, on one device."""
+
     model: DiTDH
     weak: DiTDH | None
     rae: RAE
@@ -195,35 +204,62 @@ def _check_finite(module: torch.nn.Module, what: str, path: str) -> None:
             raise ValueError(f"{what} {path}: '{name}' holds NaN or infinite values")
 
 
-def _load_models(args: argparse.Namespace, device: torch.device) -> _Models:
-    run_config = _run_config(args.ckpt)
+def load_backbone(spec: str, device: torch.device, meanflow: bool | None = None) -> tuple[DiTDH, str]:
+    """The DiT^DH that `spec` names (run directory, model folder or weights file) on `device` in eval mode, its
+    weights checked finite, and the file read. `meanflow` as in `load_dit_dh` (None: whatever the file holds)."""
+    path = resolve_weights(spec)
+    model = load_dit_dh(path, meanflow=meanflow).to(device).eval()
+    _check_finite(model, "weights", path)
+    return model, path
+
+
+def load_models(ckpt: str, device: torch.device, decoder: str | None = None, stats: str | None = None,
+                weak_ckpt: str | None = None, grid: tuple[float, ...] | None = None,
+                rae: str | None = None) -> Models:
+    """The backbone of `ckpt`, the decoding RAE (`decoder` / `stats`, or a diffusers AutoencoderRAE folder /
+    Hub id `rae`; default: the run's) and the optional weak teacher, on `device`, checked finite; what
+    `mfrae sample` (and `mfrae app`) generate with."""
+    run_config = _run_config(ckpt)
     run_rae = from_dict(RAEConfig, run_config.get("rae") or {}, "rae")  # the run's part of its PipelineConfig
-    decoder_spec, stats_spec = args.decoder or run_rae.decoder, args.stats or run_rae.stats
+    if rae and (decoder or stats):
+        raise ValueError("--rae (a diffusers AutoencoderRAE) holds the decoder and the statistics: "
+                         "drop --decoder / --stats")
+    pretrained = rae or (None if decoder or stats else run_rae.pretrained)
+    decoder_spec = pretrained or decoder or run_rae.decoder
+    stats_spec = pretrained or stats or run_rae.stats
     if not decoder_spec:
-        raise ValueError("no RAE decoder: pass --decoder (or sample from a run directory whose config names "
-                         "rae.decoder)")
-    files = {"weights": resolve_weights(args.ckpt), "decoder": resolve_weights(decoder_spec)}
-    model = load_dit_dh(files["weights"]).to(device).eval()
-    _check_finite(model, "weights", files["weights"])
-    if args.grid is not None and not model.is_meanflow:
+        raise ValueError("no RAE decoder: pass --decoder or --rae (or sample from a run directory whose config "
+                         "names rae.decoder or rae.pretrained)")
+    files = {"weights": resolve_weights(ckpt)}
+    model, _ = load_backbone(files["weights"], device)  # a resolved file resolves to itself
+    if grid is not None and not model.is_meanflow:
         raise ValueError("--grid is a MeanFlow time grid; a teacher samples on its shifted ODE grid (--steps, --shift)")
     weak = None
-    if args.weak_ckpt:
-        files["weak"] = resolve_weights(args.weak_ckpt)
-        weak = load_dit_dh(files["weak"], meanflow=False).to(device).eval()
-        _check_finite(weak, "weights", files["weak"])
-    decoder = load_vit_decoder(files["decoder"])
-    stats = None
-    if stats_spec:
-        files["stats"] = resolve_weights(stats_spec)
-        stats = load_latent_stats(files["stats"])
-    rae = _decode_only_rae(run_rae, decoder, stats).to(device).eval()  # moves `decoder` and `stats` in place
-    _check_finite(decoder, "decoder", files["decoder"])
-    if stats is not None:
-        _check_finite(stats, "latent stats", files["stats"])
+    if weak_ckpt:
+        weak, files["weak"] = load_backbone(weak_ckpt, device, meanflow=False)
+    if pretrained:
+        files["decoder"] = files["stats"] = str(pretrained)
+        decoding = RAE.from_pretrained(pretrained, with_encoder=False)
+        decoder_model, latent_stats = decoding.decoder, decoding.stats
+    else:
+        files["decoder"] = resolve_weights(decoder_spec)
+        decoder_model = load_vit_decoder(files["decoder"])
+        latent_stats = None
+        if stats_spec:
+            files["stats"] = resolve_weights(stats_spec)
+            latent_stats = load_latent_stats(files["stats"])
+        decoding = _decode_only_rae(run_rae, decoder_model, latent_stats)
+    decoding = decoding.to(device).eval()  # moves the decoder and the statistics in place
+    _check_finite(decoder_model, "decoder", files["decoder"])
+    if latent_stats is not None:
+        _check_finite(latent_stats, "latent stats", files["stats"])
     # A teacher samples on the time grid it was trained with, unless told otherwise.
     shift = (run_config.get("objective") or {}).get("shift")
-    return _Models(model, weak, rae, str(decoder_spec), str(stats_spec) if stats_spec else None, shift, files)
+    return Models(model, weak, decoding, str(decoder_spec), str(stats_spec) if stats_spec else None, shift, files)
+
+
+def _load_models(args: argparse.Namespace, device: torch.device) -> Models:
+    return load_models(args.ckpt, device, args.decoder, args.stats, args.weak_ckpt, args.grid, args.rae)
 
 
 def _outputs(root: Path) -> list[Path]:

@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inception-weights", metavar="PATH",
                         help="local pt_inception-2015-12-05-6726825d.pth (default: $MFRAE_FID_INCEPTION)")
     parser.add_argument("--encoder", metavar="DIR", help="local Hugging Face encoder folder for --features encoder")
+    parser.add_argument("--rae", metavar="FOLDER_OR_HUB_ID",
+                        help="for --features encoder: the encoder of a diffusers AutoencoderRAE (its pooled output, "
+                             "input size and pixel normalisation)")
     parser.add_argument("--encoder-image-size", type=int, default=224, help="encoder input size (default: 224)")
     parser.add_argument("--pixels-size", type=int, default=32,
                         help="longer side of the downsampled image for --features pixels (default: 32)")
@@ -148,6 +151,17 @@ class _Side:
         return f"{self.role} statistics: computed from the {self.count} images of {self.path}"
 
 
+def _rae_encoder_options(spec: str, options: FeatureOptions) -> FeatureOptions:
+    """Features from a diffusers AutoencoderRAE's encoder, at its own input size and pixel normalisation."""
+    from mfrae.eval.features import PixelValuesCall
+    from mfrae.models.rae import RAE
+
+    encoder = RAE.from_pretrained(spec).encoder
+    return dataclasses.replace(options, module=PixelValuesCall(encoder.model), encoder_image_size=encoder.input_size,
+                               module_mean=tuple(encoder.image_mean.flatten().tolist()),
+                               module_std=tuple(encoder.image_std.flatten().tolist()))
+
+
 # ----------------------------------------------------------------------------------------------- metrics
 
 
@@ -193,6 +207,8 @@ def _print_text(result: dict[str, object], notes: list[str]) -> None:
 def _check_options(args: argparse.Namespace) -> None:
     if not args.samples and not args.reference:
         raise ValueError("give --samples and/or --reference")
+    if args.rae and (args.features != "encoder" or args.encoder):
+        raise ValueError("--rae gives the features of --features encoder, instead of --encoder")
     options = vars(args)
     for name in ("batch_size", "k", "is_split_size", "encoder_image_size", "pixels_size"):
         if options[name] < 1:
@@ -256,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
         options = FeatureOptions(device=args.device or default_device(), batch_size=args.batch_size,
                                  inception_weights=args.inception_weights, encoder=args.encoder,
                                  encoder_image_size=args.encoder_image_size, pixels_size=args.pixels_size)
+        if args.rae:
+            options = _rae_encoder_options(args.rae, options)
         extractor = build_feature_extractor(args.features, options)
         for side in sides:
             side.compute(extractor, args.features, progress=not args.no_progress)

@@ -58,6 +58,8 @@ class FeatureOptions:
     inception_weights: str | None = None  # `inception`: weights file (else $MFRAE_FID_INCEPTION)
     encoder: str | None = None  # `encoder`: local Hugging Face model folder
     module: Callable[[Tensor], Any] | None = None  # `encoder`: an in-memory encoder instead of a folder
+    module_mean: tuple[float, ...] = IMAGENET_MEAN  # `module`'s input normalisation
+    module_std: tuple[float, ...] = IMAGENET_STD
     encoder_image_size: int = 224
     pixels_size: int = 32  # `pixels`: longer side after downsampling
     extra: dict[str, Any] = field(default_factory=dict)  # for extractors registered elsewhere
@@ -234,6 +236,17 @@ def encoder_feature_extractor(encoder: Callable[[Tensor], Any], *, image_size: i
     return FeatureExtractor(name, forward, device=device, batch_size=batch_size)
 
 
+class PixelValuesCall(nn.Module):
+    """Hugging Face vision models take `pixel_values=`; this gives one a plain call."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Any:
+        return self.inner(pixel_values=x)
+
+
 def _load_hf_encoder(folder: str) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
     path = Path(folder).expanduser()
     if not (path / "config.json").is_file():
@@ -247,21 +260,12 @@ def _load_hf_encoder(folder: str) -> tuple[nn.Module, tuple[float, ...], tuple[f
         config = json.loads(preprocessor.read_text())
         mean = tuple(config.get("image_mean", mean))
         std = tuple(config.get("image_std", std))
-
-    class _Call(nn.Module):  # HF models take `pixel_values=`; give them a plain call
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x: Tensor) -> Any:
-            return self.inner(pixel_values=x)
-
-    return _Call(model), mean, std
+    return PixelValuesCall(model), mean, std
 
 
 def _encoder_factory(options: FeatureOptions) -> FeatureExtractor:
     if options.module is not None:
-        encoder, mean, std = options.module, IMAGENET_MEAN, IMAGENET_STD
+        encoder, mean, std = options.module, options.module_mean, options.module_std
     elif options.encoder is not None:
         encoder, mean, std = _load_hf_encoder(options.encoder)
     else:
