@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stats": ("mfrae.stats", "compute the latent mean / variance file of a dataset and encoder"),
     "sample": ("mfrae.sample", "generate images with a teacher (ODE) or MeanFlow (1, 2 or N jumps) checkpoint"),
     "study": ("mfrae.study", "test the papers' claims at small scale on the digits (ablations, seeds, verdicts, report)"),
+    "app": ("mfrae.app", "a local web page generating images in one step, beside the teacher (needs mfrae[app])"),
     "export": ("mfrae.export", "write a Hub-ready model folder (safetensors, config, model card) from a run or checkpoint"),
 }
 
