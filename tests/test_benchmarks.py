@@ -209,6 +209,7 @@ def test_gpu_check_budget_exhausted_skips_sections(tmp_path):
         assert report["sections"][name]["reason"].startswith("budget exhausted"), name
 
 
+@pytest.mark.slow  # 17 s; the tiny end-to-end gpu_check runs by default
 def test_gpu_check_failures_are_recorded_and_the_rest_goes_on(tmp_path):
     """A failing configuration (batch 1: the prefix layout cannot give 25 % of one row r != t) keeps the section's
     other configurations; a section failing as a whole (an unknown compile backend) is recorded; the others still

@@ -51,6 +51,7 @@ def released(tmp_path_factory):
     return [*inputs, f"teacher={root / 'teacher'}"]
 
 
+@pytest.mark.slow  # 40 s: the whole README recipe; `make test-all` runs it
 def test_the_readme_recipe_at_digits_scale(released, tmp_path):
     # mfrae cache --config imagenet256-xl --out cache/in256
     assert main(["cache", "--config", "digits", "--out", str(tmp_path / "cache"), "--shard-size", "600", *sets(TINY[0])]) == 0

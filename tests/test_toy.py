@@ -116,6 +116,7 @@ def test_mft_gradient_variance_exceeds_mfd_at_the_same_parameters(mixture, short
     assert variance["mft"] > 3 * variance["mfd"]
 
 
+@pytest.mark.slow  # 14 s; the MFD toy run stays in the default suite
 def test_fm_and_cmt_learn_their_targets(mixture):
     fm, _ = train_toy(ToyConfig(objective="fm", steps=800), mixture)
     cmt, _ = train_toy(ToyConfig(objective="cmt", steps=500, cmt_solver="heun"), mixture)

@@ -235,7 +235,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, pipeline):
             assert torch.allclose(value, other[key], atol=1e-5, rtol=1e-4), f"{name}: {key} differs"
 
 
-@pytest.mark.parametrize("derivative", ["jvp", "finite_difference"])
+@pytest.mark.parametrize("derivative", [pytest.param("jvp", marks=pytest.mark.slow), "finite_difference"])
 def test_meanflow_derivatives_under_two_gloo_processes_match_one_process(tmp_path, pipeline, derivative):
     # The JVP runs on the network inside DDP (torch.func.jvp cannot go through DDP's forward); DDP reduces the
     # gradients of the one autograd forward. Same global batch of 8 either way: 2 x 4 or 2 processes x 2 x 2.
