@@ -136,12 +136,15 @@ class TransformersEncoder(RepresentationEncoder):
 
     model_class: str  # the transformers class name
     default_path: str  # the Hub id of the encoder the released RAE decoders use
+    default_input_size: int
     default_mean: tuple[float, ...] = IMAGENET_MEAN
     default_std: tuple[float, ...] = IMAGENET_STD
 
-    def __init__(self, path: str, input_size: int, image_mean: list[float] | None = None,
+    def __init__(self, path: str | None = None, input_size: int | None = None, image_mean: list[float] | None = None,
                  image_std: list[float] | None = None, model: nn.Module | None = None):
         super().__init__()
+        path = self.default_path if path is None else path
+        input_size = self.default_input_size if input_size is None else input_size
         model = self.load(path) if model is None else model
         self.model = model
         self.path = str(path)
@@ -217,10 +220,7 @@ class DINOv2Encoder(TransformersEncoder):
     name = "dinov2"
     model_class = "Dinov2WithRegistersModel"
     default_path = DINOV2_B_REG
-
-    def __init__(self, path: str = DINOV2_B_REG, input_size: int = 224, image_mean: list[float] | None = None,
-                 image_std: list[float] | None = None, model: nn.Module | None = None):
-        super().__init__(path, input_size, image_mean, image_std, model)
+    default_input_size = 224
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -250,11 +250,8 @@ class SigLIP2Encoder(TransformersEncoder):
     name = "siglip2"
     model_class = "SiglipVisionModel"
     default_path = SIGLIP2_B16_256
+    default_input_size = 256
     default_mean, default_std = SIGLIP_MEAN, SIGLIP_STD
-
-    def __init__(self, path: str = SIGLIP2_B16_256, input_size: int = 256, image_mean: list[float] | None = None,
-                 image_std: list[float] | None = None, model: nn.Module | None = None):
-        super().__init__(path, input_size, image_mean, image_std, model)
 
     def final_norm_owner(self) -> tuple[nn.Module, str]:
         # transformers 4.x nests the tower under `vision_model`; 5.x holds its modules directly.
@@ -273,8 +270,9 @@ class MAEEncoder(TransformersEncoder):
     name = "mae"
     model_class = "ViTMAEModel"
     default_path = MAE_B16
+    default_input_size = 256
 
-    def __init__(self, path: str = MAE_B16, input_size: int = 256, image_mean: list[float] | None = None,
+    def __init__(self, path: str | None = None, input_size: int | None = None, image_mean: list[float] | None = None,
                  image_std: list[float] | None = None, model: nn.Module | None = None):
         super().__init__(path, input_size, image_mean, image_std, model)
         self.model.config.mask_ratio = 0.0  # the embeddings share this config object and read it per call
