@@ -254,11 +254,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+# A section holding `options` next to a `kind` (datasets) or `name` (encoders) configures one component: the
+# options belong to that kind. A layer (a stage over `common`, a `--set`) that changes the kind therefore starts
+# the options afresh instead of keeping the options of the kind it replaces.
+COMPONENT_SELECTORS = ("kind", "name")
+COMPONENT_OPTIONS = "options"
+
+
+def _selects_new_component(node: dict, key: str, value: Any) -> bool:
+    """Does setting `node[key] = value` switch the component that `node[COMPONENT_OPTIONS]` configures?"""
+    return key in COMPONENT_SELECTORS and COMPONENT_OPTIONS in node and node.get(key) != value
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set dotted keys in a nested mapping (validation happens when the dataclass is built)."""
+    """Set dotted keys in a nested mapping (validation happens when the dataclass is built).
+
+    Setting a section's `kind` / `name` to another value drops the options of the old component; options given
+    by other overrides in the same list are kept, whatever their order (`--set data.kind=latents --set
+    data.options.cache_dir=DIR`)."""
     data = _deep_copy(data)
-    for text in overrides:
-        path, value = parse_override(text)
+    parsed = [parse_override(text) for text in overrides]
+    for index, (path, value) in enumerate(parsed):
         node = data
         for i, part in enumerate(path[:-1]):
             child = node.get(part)
@@ -267,13 +283,33 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])!r} is a value, not a section")
             node = child
+        if _selects_new_component(node, path[-1], value):
+            options = path[:-1] + [COMPONENT_OPTIONS]
+            node[COMPONENT_OPTIONS] = {}
+            for other, other_value in parsed:  # the new component's options given on the same command line
+                if other[: len(options)] == options and other != options:
+                    _set_path(node[COMPONENT_OPTIONS], other[len(options):], other_value)
+                elif other == options:
+                    node[COMPONENT_OPTIONS] = _deep_copy(other_value)
         node[path[-1]] = value
     return data
 
 
+def _set_path(node: dict, path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        child = node.get(part)
+        node = node[part] = child if isinstance(child, dict) else {}
+    node[path[-1]] = _deep_copy(value)
+
+
 def deep_merge(base: dict, update: dict) -> dict:
+    """`update` over `base`, mapping by mapping; a section whose `kind` / `name` changes takes its `options` from
+    `update` alone (the old component's options do not apply to the new one)."""
     out = _deep_copy(base)
-    for key, value in (update or {}).items():
+    update = update or {}
+    if any(_selects_new_component(out, key, update[key]) for key in COMPONENT_SELECTORS if key in update):
+        out.pop(COMPONENT_OPTIONS, None)
+    for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
