@@ -7,6 +7,7 @@ its module docstring's first line is the help text. Modules are imported only wh
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -65,6 +66,19 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: one clear line, no traceback.
         print(f"mfrae {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full or read-only disk, a missing permission: the file and the cause, in one line
+        print(f"mfrae {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handling of it (training, sampling) started
+        print(f"mfrae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def describe_os_error(err: OSError) -> str:
+    """"PATH: cause (ENAME)" for an OSError, without Python's "[Errno N]" prefix."""
+    code = errno.errorcode.get(err.errno or 0)
+    cause = f"{err.strerror or err}" + (f" ({code})" if code else "")
+    return f"{err.filename}: {cause}" if err.filename else cause
 
 
 if __name__ == "__main__":

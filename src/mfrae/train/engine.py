@@ -45,7 +45,7 @@ from mfrae.config import to_dict
 from mfrae.train.config import LoopConfig, TrainConfig
 from mfrae.train.optim import EMA, learning_rate, set_learning_rate
 from mfrae.train.parts import Player, StageParts
-from mfrae.train.runs import (LATEST, STATE_FILE, RunDir, architecture_changes, command_line, config_changes,
+from mfrae.train.runs import (STATE_FILE, RunDir, architecture_changes, command_line, config_changes,
                               format_changes, load_state)
 
 log = logging.getLogger("mfrae")
@@ -54,6 +54,15 @@ log = logging.getLogger("mfrae")
 class TrainingDiverged(RuntimeError):
     """The loss, the gradient or the weights became NaN / Inf, or the gradient norm exploded; every checkpoint
     written before passed the same checks and is kept."""
+
+
+class TrainingStopped(Exception):
+    """A SIGINT / SIGTERM stopped the run after step `step`, with every process agreeing on that step; the
+    checkpoint of that step is `checkpoint`. Raised after the process group was torn down cleanly."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, info: DistInfo):
+        super().__init__(f"stopped by signal {signum} after step {step}")
+        self.signum, self.step, self.checkpoint, self.info = signum, step, checkpoint, info
 
 
 # Devices on which the loss / gradient check runs after every step: on CPU it costs nothing, elsewhere it
@@ -105,15 +114,22 @@ def train(
     out: str | Path,
     resume: bool = False,
     command: list[str] | None = None,
+    stop=None,
 ) -> Path | None:
     """Run (or continue) one stage into run directory `out`; returns the last checkpoint folder.
 
     `build(info)` makes the stage's parts for this process (`info`: device, rank, world size); it is called
     after the process group is up and the RNG is seeded, so everything it initialises at random is
-    reproducible per run and rank.
+    reproducible per run and rank. `stop`: a `mfrae.interrupts.StopSignals` (or anything with `signum`); once it
+    is set on any process, every process finishes the same step, the checkpoint of that step is written and
+    `TrainingStopped` is raised.
     """
     with process_group() as info:
-        return _Trainer(cfg, RunDir(out), info, build).fit(resume, command or command_line())
+        trainer = _Trainer(cfg, RunDir(out), info, build)
+        last = trainer.fit(resume, command or command_line(), stop)
+    if trainer.stopped_by:
+        raise TrainingStopped(trainer.stopped_by, trainer.step, last, info)
+    return last
 
 
 #################################################################################
@@ -296,6 +312,7 @@ class _Trainer:
         self.check_every_step = info.device.type in EVERY_STEP_CHECK_DEVICES  # else: `divergence_check_due`
         self.last_good: Path | None = None  # the newest checkpoint (written or resumed) with checked weights
         self.last_good_step = 0
+        self.stopped_by = 0  # the signal that stopped the run (agreed by every process); 0: not stopped
 
     @property
     def resolved_config(self) -> TrainConfig:
@@ -346,10 +363,28 @@ class _Trainer:
         if resume:
             if ckpt is None:  # rank 0 refused the same way
                 raise ConfigError(f"--resume: {self.run.root} holds no complete checkpoint, nothing to resume")
-            changed = self._resume(ckpt)
+            ckpt, changed = self._resume_newest_good()
             self.last_good, self.last_good_step = ckpt, self.step
         if info.is_main:
             self.run.start(self.resolved_config, command, resumed_at=self.step if resume else None, changed=changed)
+
+    def _resume_newest_good(self) -> tuple[Path, dict[str, tuple]]:
+        """Resume from the newest checkpoint that loads and holds finite weights, naming each newer one skipped
+        and why; refuse in one line when none does. A changed network or process count is refused at once (an
+        older checkpoint would not fix it). Every process reads the same files, so all pick the same one."""
+        skipped: list[str] = []
+        for ckpt in self.run.resume_candidates():
+            try:
+                changed = self._resume(ckpt)
+            except (CheckpointError, FileNotFoundError) as err:
+                reason = str(err).removeprefix(f"{ckpt}: ").removeprefix(f"{ckpt}/")
+                skipped.append(f"{ckpt.name} ({reason})")
+                continue
+            if skipped and self.info.is_main:
+                log.warning("--resume: skipped %s; resuming from %s", "; ".join(skipped), ckpt)
+            return ckpt, changed
+        raise CheckpointError(f"--resume: no checkpoint of {self.run.checkpoints} can be resumed from: "
+                              f"{'; '.join(skipped)}; start a new run in another --out")
 
     def _resume(self, ckpt: Path) -> dict[str, tuple]:
         """Load checkpoint `ckpt` into the trainer; returns the config changes since the run's config.yaml.
@@ -387,8 +422,7 @@ class _Trainer:
         _set_rng_state(state["rng"][self.info.rank], self.info)
         self.step = int(state["step"])
         if self._weights_bad():  # written before mfrae checked weights: never train on from it
-            raise CheckpointError(f"{ckpt}: holds NaN / Inf weights; to resume from an earlier checkpoint, write its "
-                                  f"folder name into {self.run.checkpoints / LATEST}")
+            raise CheckpointError(f"{ckpt}: holds NaN / Inf weights")
         if self.info.is_main:
             if changed:
                 log.warning("resuming %s with changed settings (config.yaml is updated, run.json records them): %s",
@@ -427,17 +461,17 @@ class _Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def fit(self, resume: bool, command: list[str]) -> Path | None:
+    def fit(self, resume: bool, command: list[str], stop=None) -> Path | None:
         """Train from step 0, or on --resume from the run's latest checkpoint, to train.steps; returns the last
         checkpoint folder. Rank 0 holds the run directory's lock from the first check to the last write."""
         check_loggers(self.cfg.train)  # a logger that cannot be imported: refused before anything is written
         try:
             self._open_run(resume, command)
-            return self._loop()
+            return self._loop(stop)
         finally:
             self.run.unlock()
 
-    def _loop(self) -> Path | None:
+    def _loop(self, stop=None) -> Path | None:
         cfg, loop, info = self.cfg, self.cfg.train, self.info
         for p in self.players:  # every process starts from rank 0's player weights
             broadcast_module(p.player.module, info)
@@ -520,6 +554,10 @@ class _Trainer:
                     self._save()
                 if (loop.sample_every and self.step % loop.sample_every == 0) or self.step == loop.steps:
                     self._preview()
+                if stop is not None and self.step < loop.steps and self._stop_requested(stop):
+                    if self.last_good_step != self.step or self.last_good is None:
+                        self._save()
+                    break
         finally:
             if progress is not None:
                 progress.close()
@@ -527,6 +565,14 @@ class _Trainer:
                 logger.close()
             self.loader.close()
         return self.last_good
+
+    def _stop_requested(self, stop) -> bool:
+        """Whether a signal asked any process to stop (every process gets the same answer after each step)."""
+        signum = int(stop.signum or 0)
+        if self.info.enabled:
+            signum = int(all_max(torch.tensor(float(signum), device=self.info.device), self.info))
+        self.stopped_by = signum
+        return signum > 0
 
     @staticmethod
     def _scalars(values: dict[str, Tensor | float]) -> dict[str, float]:

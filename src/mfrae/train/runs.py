@@ -376,6 +376,13 @@ class RunDir:
         complete = self._complete()
         return complete[-1] if complete else None
 
+    def resume_candidates(self) -> list[Path]:
+        """The complete checkpoints to try on --resume, in order: the one `latest` names, then the others from
+        the newest to the oldest."""
+        latest = self.latest_checkpoint()
+        rest = [p for p in reversed(self._complete()) if p != latest]
+        return ([latest] if latest is not None else []) + rest
+
     def save_checkpoint(self, step: int, writers: dict[str, callable], keep_last: int) -> Path:
         """Write one checkpoint: `writers` maps file names to functions writing that file at a given path.
 

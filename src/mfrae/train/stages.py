@@ -268,6 +268,8 @@ def build_stage(cfg: TrainConfig, info: DistInfo) -> StageParts:
     return spec.build(cfg, info, spec)
 
 
-def train_stage(cfg: TrainConfig, out: str | Path, resume: bool = False, command: list[str] | None = None) -> Path | None:
-    """Build the stage's parts and train them in run directory `out`; returns the last checkpoint folder."""
-    return engine.train(cfg, lambda info: build_stage(cfg, info), out, resume=resume, command=command)
+def train_stage(cfg: TrainConfig, out: str | Path, resume: bool = False, command: list[str] | None = None,
+                stop=None) -> Path | None:
+    """Build the stage's parts and train them in run directory `out`; returns the last checkpoint folder.
+    `stop`: see `mfrae.train.engine.train` (a signal stops the run after a step, with a checkpoint)."""
+    return engine.train(cfg, lambda info: build_stage(cfg, info), out, resume=resume, command=command, stop=stop)
