@@ -26,6 +26,11 @@ out-of-memory or a hang is recorded as that section's error and the next section
     sampling_512                 1-step 512 px images/s, bf16 and fp32, eager
     sampling_256_compiled_bf16   as sampling_256 with torch.compile (student and decoder, as `mfrae sample --compile`)
     sampling_256_compiled_fp32
+    derivative_accuracy          relative error of du/dt on DiT^DH-XL at 768 x 16 x 16 (random weights, u RMS 1,
+                                 batch 4): the library's finite difference (float32 stencil) and the released
+                                 fused layout at h = 1e-4 .. 1e-2, and the JVP, in float32 (TF32 off), float32 with
+                                 TF32 matmuls / convolutions, and bf16 autocast, against a float64 JVP
+                                 (`mfrae.flow.derivative_accuracy`, docs/derivative_accuracy.md)
     train_step_compiled          the training step with the student compiled (engine `train.compile`)
 
 Budget: sections get cumulative shares of `--budget-s` (time a section leaves unused passes to the next); a
@@ -79,6 +84,25 @@ SAMPLING_VARIANTS: dict[str, tuple[tuple[int, str], ...]] = {
 TRAIN_VALUES = ("batch", "ms_per_step", "samples_per_s", "peak_memory_gib", "flops_per_step", "achieved_tflops",
                 "mfu", "mfu_tf32")
 
+# derivative_accuracy: (precision of mfrae.flow.derivative_accuracy, short name), finite-difference steps, strategies
+DERIVATIVE_PRECISIONS = (("float32", "fp32"), ("tf32", "tf32"), ("bfloat16", "bf16"))
+DERIVATIVE_STEPS = (1e-4, 1e-3, 5e-3, 1e-2)
+DERIVATIVE_METHODS = {"jvp": "jvp", "finite_difference": "fd", "finite_difference_fused": "fused"}
+
+
+def _derivative_key(method: str, step: float | None, precision: str) -> str:
+    """The values key of one measurement, e.g. fd_h5e-3_bf16 (library stencil, h = 5e-3, bf16 autocast)."""
+    short = dict(DERIVATIVE_PRECISIONS)[precision]
+    name = DERIVATIVE_METHODS[method]
+    if step is None:
+        return f"{name}_{short}"
+    mantissa, exponent = f"{step:.0e}".split("e")
+    return f"{name}_h{mantissa}e{int(exponent)}_{short}"
+
+
+DERIVATIVE_VALUES = tuple(_derivative_key(m, h, p) for p, _ in DERIVATIVE_PRECISIONS for m in DERIVATIVE_METHODS
+                          for h in ((None,) if m == "jvp" else DERIVATIVE_STEPS))
+
 
 def _sampling_values(section: str) -> tuple[str, ...]:
     keys = []
@@ -97,6 +121,7 @@ VALUES: dict[str, tuple[str, ...]] = {
     "sampling_512": _sampling_values("sampling_512"),
     "sampling_256_compiled_bf16": _sampling_values("sampling_256_compiled_bf16"),
     "sampling_256_compiled_fp32": _sampling_values("sampling_256_compiled_fp32"),
+    "derivative_accuracy": DERIVATIVE_VALUES,
     "train_step_compiled": TRAIN_VALUES,
 }
 SHARES: dict[str, float] = {
@@ -106,6 +131,7 @@ SHARES: dict[str, float] = {
     "sampling_512": 0.10,
     "sampling_256_compiled_bf16": 0.22,
     "sampling_256_compiled_fp32": 0.22,
+    "derivative_accuracy": 0.06,
     "train_step_compiled": 0.07,  # last: not one of the issue's figures, gets what the others leave
 }
 MEASURED = tuple(SHARES)
@@ -590,6 +616,64 @@ def section_sampling(child: Child, resolution: int, compiled: bool) -> None:
         child.save()
 
 
+# ----------------------------------------------------------------------------------------- derivative accuracy
+
+
+def section_derivative_accuracy(child: Child) -> None:
+    """du/dt of the MeanFlow student (DiT^DH-XL, tiny on a CPU) from each time-derivative strategy under each
+    precision, against the float64 JVP of the same weights (`mfrae.flow.derivative_accuracy`)."""
+    import torch
+
+    from mfrae.flow.derivative_accuracy import derivative_accuracy, reference_derivative, strategy_label
+    from mfrae.models.dit_dh import DiTDH
+
+    device, sizes = child.device, child.sizes
+    config = sizes.dit(256, True)
+    batch = 2 if sizes.tiny else 4
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = DiTDH(config).eval().requires_grad_(False)
+    _trained_looking_(net)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, *net.latent_shape, device=device, generator=gen)
+    e = torch.randn(batch, *net.latent_shape, device=device, generator=gen)
+    t = 0.05 + 0.9 * torch.rand(batch, device=device, generator=gen)
+    r = t * 0.95 * torch.rand(batch, device=device, generator=gen)
+    y = torch.randint(0, config.num_classes, (batch,), device=device, generator=gen)
+    z = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * e
+    with torch.no_grad():  # output scaled so that u has RMS 1, the size of a velocity on normalised latents
+        rms = net(z, t, y, r=r).float().square().mean().sqrt()
+        net.final_layer.linear.weight.div_(rms)
+        net.final_layer.linear.bias.div_(rms)
+    start = time.monotonic()
+    u_ref, dudt_ref = reference_derivative(net, z, t, r, y, e - x)
+    child.record["details"] = {
+        "model": config.to_dict(), "batch": batch, "steps": list(DERIVATIVE_STEPS),
+        "method": "relative L2 error of du/dt (tangent (v, 0, 1), v = e - x) from FiniteDifference(h) (the library "
+                  "default: float32 stencil, TF32 off, whatever the caller's setting), FusedFiniteDifference(h) (the "
+                  "released MF-RAE layout, caller's precision) and JVP(), against JVP() on a float64 copy",
+        "u_rms": float(u_ref.double().square().mean().sqrt()),
+        "dudt_rms": float(dudt_ref.double().square().mean().sqrt()),
+        "reference_seconds": time.monotonic() - start, "configs": []}
+    child.save()
+    for precision, _ in DERIVATIVE_PRECISIONS:
+        row = {"precision": precision}
+        start = time.monotonic()
+        try:
+            report = derivative_accuracy(net, z, t, r, y, e - x, steps=DERIVATIVE_STEPS, precision=precision,
+                                         methods=tuple(DERIVATIVE_METHODS), reference=(u_ref, dudt_ref))
+            row["errors"] = report.errors
+            for method in DERIVATIVE_METHODS:
+                for h in (None,) if method == "jvp" else DERIVATIVE_STEPS:
+                    child.record["values"][_derivative_key(method, h, precision)] = \
+                        report.errors[strategy_label(method, h)]
+        except Exception as err:  # noqa: BLE001 - recorded, the other precisions still run
+            row["error"] = _error_text(err)
+        row["seconds"] = time.monotonic() - start
+        child.record["details"]["configs"].append(row)
+        child.save()
+
+
 def run_child(args: argparse.Namespace) -> int:
     """Child process: run one section, save its record; errors go into the record, not the exit code."""
     _import_mfrae()
@@ -605,6 +689,8 @@ def run_child(args: argparse.Namespace) -> int:
             section_matmul_peak(child)
         elif name in ("train_step", "train_step_compiled"):
             section_train_step(child, compiled=name == "train_step_compiled")
+        elif name == "derivative_accuracy":
+            section_derivative_accuracy(child)
         else:
             section_sampling(child, 512 if name == "sampling_512" else 256, compiled="compiled" in name)
         rows = child.record["details"].get("configs") or list(child.record["details"].get("variants", {}).values())

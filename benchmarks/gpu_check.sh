@@ -4,7 +4,8 @@
 #     bash benchmarks/gpu_check.sh [OUT_DIR] [gpu_check.py options...]      # OUT_DIR default: out/gpu_check
 #
 # 1. the CUDA tests, `pytest -m cuda tests/test_cuda.py` (a failure is recorded, the script goes on);
-# 2. benchmarks/gpu_check.py: matmul peak, XL training step + MFU, sampling images/s (docs/benchmarks.md).
+# 2. benchmarks/gpu_check.py: matmul peak, XL training step + MFU, sampling images/s (docs/benchmarks.md), and
+#    the accuracy of du/dt on DiT^DH-XL in float32, TF32 and bf16 autocast (docs/derivative_accuracy.md).
 # Writes OUT_DIR/gpu_check.json (everything measured), gpu_check.log, cuda_tests.log and cuda_tests.xml.
 # Needs torch, numpy, scipy (pytest for step 1); mfrae is found through PYTHONPATH=src, no install needed.
 # The whole run stays within GPU_CHECK_BUDGET_S seconds (default 465, under 8 minutes); the tests get at most

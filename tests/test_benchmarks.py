@@ -90,6 +90,24 @@ def test_sample_memory_benchmark_reports_each_size(capsys):
     assert report["peak_ratio_largest_vs_smallest"] == pytest.approx(rows["200"]["peak_rss_mb"] / rows["40"]["peak_rss_mb"])
 
 
+def test_derivative_accuracy_benchmark_reports_every_strategy_and_precision(capsys):
+    report = _run("derivative_accuracy", ["--tiny", "--threads", "1"], capsys)
+    steps = report["steps"]
+    assert steps == [1e-4, 1e-3, 5e-3, 1e-2] and report["precisions"] == ["float32", "bfloat16"]
+    assert list(report["testbeds"]) == ["mixture-2d", "mixture-8d", "dit-tiny"]
+    expected = {"jvp"} | {f"{m} h={h:g}" for m in ("finite_difference", "finite_difference_fused") for h in steps}
+    for name, testbed in report["testbeds"].items():
+        f32, bf16 = (testbed["precisions"][p]["errors"] for p in ("float32", "bfloat16"))
+        assert set(f32) == set(bf16) == expected, name
+        assert all(math.isfinite(e) and e > 0 for e in [*f32.values(), *bf16.values()]), name
+        assert testbed["u_rms"] > 0 and testbed["dudt_rms"] > 0
+        for h in steps:  # the library stencil runs in float32 under any autocast; the fused one does not
+            assert bf16[f"finite_difference h={h:g}"] == f32[f"finite_difference h={h:g}"], name
+            assert bf16[f"finite_difference_fused h={h:g}"] > f32[f"finite_difference_fused h={h:g}"], name
+        assert f32["jvp"] < 1e-4, name  # float32 forward-mode AD against the float64 one
+    assert report["testbeds"]["dit-tiny"]["u_rms"] == pytest.approx(1.0, rel=1e-3)  # --u-rms
+
+
 def test_train_step_default_invocation_runs_its_child_processes(tmp_path):
     """`python benchmarks/train_step.py` as a user runs it: fresh timing and memory children, the table, the target
     lines (tiny size and two variants to keep it short; every variant runs in-process above)."""
@@ -106,6 +124,9 @@ def test_train_step_default_invocation_runs_its_child_processes(tmp_path):
                   "--device", "cpu"], ("mf1", "mf2", "teacher50", "mf1 images/s vs teacher50")),
     ("flops", ["--presets", "imagenet256-s"], ("imagenet256-s", "SD-VAE baselines")),
     ("sample_memory", ["--sizes", "40,80", "--batch-size", "16", "--shard-size", "32"], ("peak RSS ratio",)),
+    ("derivative_accuracy", ["--tiny", "--no-dit", "--toy-dims", "2", "--threads", "1"],
+     ("command: .venv/bin/python benchmarks/derivative_accuracy.py --tiny", "mixture-2d", "finite_difference h=0.0001",
+      "bfloat16", "wall time")),
 ])
 def test_benchmark_tables_print(capsys, name, argv, expected):
     """The default (table) output of each benchmark, not only its --json report."""
@@ -130,6 +151,8 @@ GPU_SECTIONS = {
     "sampling_256_compiled_bf16": {"mf1_bf16_images_per_s", "mf2_bf16_images_per_s"},
     "sampling_256_compiled_fp32": {"mf1_fp32_images_per_s", "mf2_fp32_images_per_s"},
     "sampling_512": {"mf1_bf16_images_per_s"},
+    "derivative_accuracy": {f"{m}_{p}" for m in ("jvp", "fd_h1e-4", "fd_h5e-3", "fused_h1e-4", "fused_h5e-3")
+                            for p in ("fp32", "tf32", "bf16")},
 }
 SECTION_KEYS = {"status", "reason", "error", "seconds", "timeout_s", "values", "details"}
 
@@ -273,6 +296,24 @@ def test_gpu_check_tiny_cpu_run_measures_every_section(tmp_path, sections):
     mfus = [sections_[name]["values"]["mfu"] for name in ("train_step", "train_step_compiled") if name in sections]
     assert report["summary"]["train_mfu"] == pytest.approx(max(mfus))  # the best of eager and compiled
     assert report["summary"]["train_mfu_target_met"] is (max(mfus) >= 0.45)
+
+
+def test_gpu_check_derivative_accuracy_section_on_cpu(tmp_path):
+    """The derivative-accuracy section on a tiny DiT^DH: every strategy, step and precision measured; the library
+    stencil's error is the same under bf16 autocast (it runs in float32), the fused stencil's is not."""
+    rc, report = _gpu_check(tmp_path, "--tiny", "--device", "cpu", "--threads", "1", "--sections",
+                            "derivative_accuracy")
+    assert rc == 0, report["summary"]["statuses"]
+    _check_schema(report)
+    section = report["sections"]["derivative_accuracy"]
+    assert section["status"] == "ok", section["error"]
+    values = section["values"]
+    assert all(v is not None and math.isfinite(v) and v > 0 for v in values.values())
+    for h in ("1e-4", "1e-3", "5e-3", "1e-2"):
+        assert values[f"fd_h{h}_bf16"] == values[f"fd_h{h}_fp32"]
+        assert values[f"fused_h{h}_bf16"] > values[f"fused_h{h}_fp32"]
+    assert values["jvp_fp32"] < values["jvp_bf16"]
+    assert [c["precision"] for c in section["details"]["configs"]] == ["float32", "tf32", "bfloat16"]
 
 
 def test_gpu_check_script_end_to_end_without_cuda(tmp_path):
