@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 def describe_os_error(err: OSError) -> str:
     """"PATH: cause (ENAME)" for an OSError, without Python's "[Errno N]" prefix."""
     code = errno.errorcode.get(err.errno or 0)
-    cause = f"{err.strerror or err}" + (f" ({code})" if code else "")
+    cause = f"{err.strerror or err}" + (f" [{code}]" if code else "")
     return f"{err.filename}: {cause}" if err.filename else cause
 
 

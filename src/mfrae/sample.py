@@ -42,6 +42,8 @@ import argparse
 import itertools
 import json
 import math
+import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -57,13 +59,14 @@ from mfrae.distributed import DistInfo, gather_objects, process_group
 from mfrae.fileio import atomic_write_text
 from mfrae.generation import (NonFiniteSamples, SampleSettings, batches, class_labels, generate, generate_batch,
                               generate_indices, prefetched_noise)
+from mfrae.interrupts import StopSignals, exit_status, resume_command, signal_name
 from mfrae.images import from_uint8_nhwc, save_image_grid, to_uint8_nhwc
 from mfrae.models.dit_dh import DiTDH
 from mfrae.models.encoders import PIXEL_NORMALISATION
 from mfrae.models.rae import RAE
 from mfrae.pipeline import RAEConfig, build_rae_encoder
 from mfrae.sample_shards import SHARDS, ShardPlan, save_pngs, write_adm_npz
-from mfrae.train.runs import resolve_weights, run_config
+from mfrae.train.runs import describe, resolve_weights, run_config
 
 __all__ = ["Models", "SampleSettings", "class_labels", "generate", "generate_batch", "generate_indices",
            "load_backbone", "load_models", "add_arguments", "run"]
@@ -71,7 +74,7 @@ PLAN_FILE = "plan.json"
 MAX_SEED = 2**32 - 1  # seed * 1_000_003 + index must fit a generator's 64-bit seed
 # What a run writes into --out: these files, and in these folders the files matching these patterns.
 _OUTPUT_FILES = (PLAN_FILE, "samples.npz", "grid.png", "sampling.json")
-_OUTPUT_FOLDERS = {SHARDS: ("shard_*.npz", ".*.partial"), "images": ("*.png", "labels.txt")}
+_OUTPUT_FOLDERS = {SHARDS: ("shard_*.npz", ".*.partial"), "images": ("*.png", "labels.txt", ".*.partial")}
 
 
 #################################################################################
@@ -80,13 +83,14 @@ _OUTPUT_FOLDERS = {SHARDS: ("shard_*.npz", ".*.partial"), "images": ("*.png", "l
 
 
 def parse_grid(text: str) -> tuple[float, ...]:
-    """"1,0.6,0" -> (1.0, 0.6, 0.0): a strictly decreasing MeanFlow time grid in [0, 1]."""
+    """"1,0.6,0" -> (1.0, 0.6, 0.0): a strictly decreasing MeanFlow time grid in [0, 1] (ValueError otherwise)."""
     try:
         grid = tuple(float(v) for v in text.split(","))
     except ValueError:
         grid = ()
-    if len(grid) < 2 or any(b >= a for a, b in zip(grid, grid[1:])) or not (0 <= grid[-1] and grid[0] <= 1):
-        raise argparse.ArgumentTypeError(f"expected at least 2 strictly decreasing times in [0, 1], got {text!r}")
+    ok = len(grid) >= 2 and all(math.isfinite(t) for t in grid)
+    if not ok or any(b >= a for a, b in zip(grid, grid[1:])) or not (0 <= grid[-1] and grid[0] <= 1):
+        raise ValueError(f"--grid: expected at least 2 strictly decreasing times in [0, 1], got {text!r}")
     return grid
 
 
@@ -95,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directory, checkpoint folder or weights file (teacher or MeanFlow)")
     parser.add_argument("--steps", type=int, default=None,
                         help="MeanFlow jumps, or teacher network evaluations (default 1)")
-    parser.add_argument("--grid", type=parse_grid, default=None, metavar="T0,T1,...",
+    parser.add_argument("--grid", default=None, metavar="T0,T1,...",
                         help="explicit MeanFlow time grid, e.g. 1,0.6,0 (instead of --steps' uniform one)")
     parser.add_argument("--num-samples", "--num", dest="num", type=int, default=64,
                         help="number of images (spell --num-samples under torchrun: it takes --num for its own)")
@@ -129,6 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """Every option's value, before any file is read or written; one line naming the option."""
+    if isinstance(args.grid, str):
+        args.grid = parse_grid(args.grid)
     if args.grid is not None and args.steps is not None and args.steps != len(args.grid) - 1:
         raise ValueError(f"--steps {args.steps} contradicts --grid ({len(args.grid) - 1} jumps); give one of them")
     args.steps = len(args.grid) - 1 if args.grid is not None else (1 if args.steps is None else args.steps)
@@ -219,6 +225,7 @@ def load_models(ckpt: str, device: torch.device, decoder: str | None = None, sta
     """The backbone of `ckpt`, the decoding RAE (`decoder` / `stats`, or a diffusers AutoencoderRAE folder /
     Hub id `rae`; default: the run's) and the optional weak teacher, on `device`, checked finite; what
     `mfrae sample` (and `mfrae app`) generate with."""
+    files = {"weights": resolve_weights(ckpt)}  # a missing --ckpt is named before anything it would provide
     run_config = _run_config(ckpt)
     run_rae = from_dict(RAEConfig, run_config.get("rae") or {}, "rae")  # the run's part of its PipelineConfig
     if rae and (decoder or stats):
@@ -230,7 +237,6 @@ def load_models(ckpt: str, device: torch.device, decoder: str | None = None, sta
     if not decoder_spec:
         raise ValueError("no RAE decoder: pass --decoder or --rae (or sample from a run directory whose config "
                          "names rae.decoder or rae.pretrained)")
-    files = {"weights": resolve_weights(ckpt)}
     model, _ = load_backbone(files["weights"], device)  # a resolved file resolves to itself
     if grid is not None and not model.is_meanflow:
         raise ValueError("--grid is a MeanFlow time grid; a teacher samples on its shifted ODE grid (--steps, --shift)")
@@ -306,26 +312,50 @@ def _prepare_output(plan: ShardPlan, fingerprint: dict, resume: bool, overwrite:
 
 
 def _on_main(info: DistInfo, fn, *fn_args):
-    """Run `fn` on rank 0 and give every process its result; a ValueError there is raised everywhere."""
+    """Run `fn` on rank 0 and give every process its result; a ValueError (or a failed write) there is raised
+    everywhere, as one line."""
     result, error = None, None
     if info.is_main:
         try:
             result = fn(*fn_args)
         except ValueError as err:
             error = str(err)
+        except OSError as err:
+            error = f"cannot write {err.filename or 'the output folder'}: {describe(err)}"
     result, error = gather_objects((result, error), info)[0]
     if error is not None:
         raise ValueError(error)
     return result
 
 
+class SamplingStopped(Exception):
+    """A SIGINT / SIGTERM stopped this process between two batches; complete shards are kept."""
+
+    def __init__(self, signum: int, plan: ShardPlan, info: DistInfo):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum, self.plan, self.info = signum, plan, info
+
+
 def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
-    with process_group(args.device) as info:
-        return _sample(args, info)
+    try:
+        with StopSignals("mfrae sample") as stop, process_group(args.device) as info:
+            return _sample(args, info, stop)
+    except SamplingStopped as stopped:
+        if stopped.info.is_main:
+            plan = stopped.plan
+            done = plan.num - sum(len(plan.indices(k)) for k in plan.missing())
+            print(f"mfrae sample: stopped by {signal_name(stopped.signum)}, {done} of {plan.num} images in complete "
+                  f"shards kept; resume with: {_resume_command(args, stopped.info)}", file=sys.stderr)
+        return exit_status(stopped.signum)
 
 
-def _sample(args: argparse.Namespace, info: DistInfo) -> int:
+def _resume_command(args: argparse.Namespace, info: DistInfo) -> str:
+    command = getattr(args, "command_line", None) or ["mfrae", *sys.argv[1:]]
+    return resume_command(command, info.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None)
+
+
+def _sample(args: argparse.Namespace, info: DistInfo, stop: StopSignals | None = None) -> int:
     from tqdm.auto import tqdm
 
     device = info.device if info.enabled else torch.device(args.device)
@@ -361,6 +391,8 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> int:
 
     def shard_batches(k: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for b in batches(plan.indices(k), args.batch_size):
+            if stop is not None and stop.requested:  # between batches: the shard being written is dropped
+                raise SamplingStopped(stop.signum, plan, info)
             y = labels[b.start : b.stop]
             images = generate_batch(model, rae, y, b, settings, args.seed, models.weak, device, next(noise),
                                     check_finite=True)
@@ -378,13 +410,29 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> int:
         if fresh and info.world_size == 1:
             _remove_outputs(out)  # a new run stopped by bad weights leaves no half run behind
         raise ValueError(models.non_finite_cause(err, args)) from None
+    except SamplingStopped:
+        bar.close()
+        raise
+    except OSError as err:  # a full or read-only disk: the shard being written was dropped, complete ones stay
+        bar.close()
+        raise ValueError(_write_failure(err, plan, args, info)) from None
     bar.close()
     seconds = time.perf_counter() - start
     done = gather_objects(seconds, info)  # also the barrier before rank 0 assembles
     if info.is_main:
-        _assemble(plan, labels, args, fingerprint, generated=sum(len(plan.indices(k)) for k in missing),
-                  seconds=max(done), world_size=info.world_size)
+        try:
+            _assemble(plan, labels, args, fingerprint, generated=sum(len(plan.indices(k)) for k in missing),
+                      seconds=max(done), world_size=info.world_size)
+        except OSError as err:
+            raise ValueError(_write_failure(err, plan, args, info)) from None
     return 0
+
+
+def _write_failure(err: OSError, plan: ShardPlan, args: argparse.Namespace, info: DistInfo) -> str:
+    """One line for a write that failed: the file, the cause, what is kept and the command that continues."""
+    kept = plan.num - sum(len(plan.indices(k)) for k in plan.missing())
+    return (f"cannot write {err.filename or plan.root}: {describe(err)}; {kept} of {plan.num} images in complete "
+            f"shards kept: free space (or make {plan.root} writable) and resume with: {_resume_command(args, info)}")
 
 
 def _assemble(plan: ShardPlan, labels: Tensor, args: argparse.Namespace, fingerprint: dict, generated: int,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -62,10 +63,15 @@ def write_adm_npz(path: Path, num: int, pieces: Iterable[tuple[np.ndarray, np.nd
     tmp = temp_path(path)
     try:
         _write_pieces(tmp, path, num, first, pieces)
+        return commit(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err  # a failed write() names no file: name it
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return commit(tmp, path)
 
 
 def _write_pieces(tmp: Path, path: Path, num: int, first: tuple[np.ndarray, np.ndarray],
@@ -145,9 +151,10 @@ class ShardPlan:
         return [k for k in range(len(self)) if not self.is_complete(k)]
 
     def remove_partial_files(self) -> None:
-        """Temporary files of writers that were killed (never renamed into place)."""
-        for tmp in (self.root / SHARDS).glob(".*.partial"):
-            tmp.unlink(missing_ok=True)
+        """Temporary files of writers that were killed (never renamed into place): shards and PNGs."""
+        for folder in (SHARDS, "images"):
+            for tmp in (self.root / folder).glob(".*.partial"):
+                tmp.unlink(missing_ok=True)
 
     def read(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         with np.load(self.path(k), allow_pickle=False) as data:
@@ -159,8 +166,21 @@ class ShardPlan:
 
 
 def save_pngs(directory: Path, images: np.ndarray, first_index: int, num: int) -> None:
-    """uint8 NHWC images as DIR/NNNNNN.png numbered from `first_index` (zero-padded for `num` images)."""
+    """uint8 NHWC images as DIR/NNNNNN.png numbered from `first_index` (zero-padded for `num` images).
+
+    Each is written under a temporary name and renamed, so a PNG under its final name is whole; a failed write
+    (a full disk) removes its temporary file and raises an OSError naming the PNG."""
     directory.mkdir(parents=True, exist_ok=True)
     width = max(6, len(str(num - 1)))
     for i, image in enumerate(images, start=first_index):
-        Image.fromarray(image).save(directory / f"{i:0{width}d}.png")
+        final = directory / f"{i:0{width}d}.png"
+        tmp = temp_path(final)
+        try:
+            Image.fromarray(image).save(tmp, format="PNG")
+            os.replace(tmp, final)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise OSError(err.errno, err.strerror or str(err), str(final)) from err
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
