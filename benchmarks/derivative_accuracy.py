@@ -19,10 +19,13 @@ du/dt with `JVP()` on a float64 copy (relative L2 error over the batch).
                    (adaLN / output layers N(0, 0.02) instead of the zero init), the output layer then scaled so
                    that u has RMS --u-rms; z = (1 - t) x + t e and v = e - x with x, e ~ N(0, I)
 
-Precisions: float32 (autocast off) and bfloat16 (bf16 autocast on the CPU); `--precisions float32,tf32,bfloat16`
-on CUDA adds TF32 matmuls (the GPU check runs that). Mind what each strategy does with bf16: `finite_difference`
-(the library default) always runs its stencil in float32, `finite_difference_fused` (the released MF-RAE layout)
-and `jvp` run in the caller's precision. Results and their reading: docs/derivative_accuracy.md.
+Precisions: float32 (autocast off), tf32_emulated (float32 with every matmul / convolution / attention operand
+rounded to TF32's 10-bit mantissa, as TF32 tensor cores do; the released MF-RAE scripts train in float32 with TF32
+allowed) and bfloat16 (bf16 autocast), all on the CPU; `--precisions float32,tf32,bfloat16 --device cuda` uses the
+real TF32 (the GPU check runs that). Mind what each strategy does: `finite_difference` (the library default)
+always runs its stencil in float32 with TF32 off (so it is not measured under tf32_emulated, which cannot be
+turned off for it: n/a), `finite_difference_fused` (the released MF-RAE layout) and `jvp` run in the caller's
+precision. Results and their reading: docs/derivative_accuracy.md.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ except ImportError:  # a fresh clone without `make install`
 
 import torch
 
-from mfrae.flow.derivative_accuracy import DEFAULT_STEPS, PRECISIONS, derivative_accuracy, reference_derivative
+from mfrae.flow.derivative_accuracy import (DEFAULT_STEPS, PRECISIONS, applicable_methods, derivative_accuracy,
+                                            reference_derivative)
 
 DIT_SIZES = ("tiny", "S", "B", "L", "XL")
 METHODS = ("jvp", "finite_difference", "finite_difference_fused")
@@ -139,7 +143,8 @@ def measure(inputs: tuple, steps: tuple[float, ...], precisions: tuple[str, ...]
     out = {"reference_seconds": time.perf_counter() - start, "precisions": {}}
     for precision in precisions:
         start = time.perf_counter()
-        report = derivative_accuracy(net, z, t, r, y, v, steps=steps, precision=precision, methods=METHODS,
+        methods = [m for m in METHODS if m in applicable_methods(precision)]
+        report = derivative_accuracy(net, z, t, r, y, v, steps=steps, precision=precision, methods=methods,
                                      reference=reference)
         out["precisions"][precision] = {**report.to_dict(), "seconds": time.perf_counter() - start}
     first = out["precisions"][precisions[0]]
@@ -150,12 +155,13 @@ def measure(inputs: tuple, steps: tuple[float, ...], precisions: tuple[str, ...]
 def format_table(name: str, result: dict) -> str:
     """Rows: strategy / h; columns: precisions."""
     precisions = list(result["precisions"])
-    keys = list(result["precisions"][precisions[0]]["errors"])
+    keys = list(dict.fromkeys(k for p in precisions for k in result["precisions"][p]["errors"]))
     lines = [f"{name}: {result['description']}",
              f"  reference: float64 JVP; u RMS {result['u_rms']:.3g}, du/dt RMS {result['dudt_rms']:.3g}",
-             f"  {'strategy':<36}" + "".join(f"{p:>12}" for p in precisions)]
+             f"  {'strategy':<36}" + "".join(f"{p:>15}" for p in precisions)]
     for key in keys:
-        lines.append(f"  {key:<36}" + "".join(f"{result['precisions'][p]['errors'][key]:>12.2e}" for p in precisions))
+        cells = [result["precisions"][p]["errors"].get(key) for p in precisions]
+        lines.append(f"  {key:<36}" + "".join(f"{c:>15.2e}" if c is not None else f"{'n/a':>15}" for c in cells))
     lines.append("  seconds: reference {:.1f}, ".format(result["reference_seconds"])
                  + ", ".join(f"{p} {result['precisions'][p]['seconds']:.1f}" for p in precisions))
     return "\n".join(lines)
@@ -200,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-steps", type=int, default=300, help="Adam steps fitting the toy net (default 300)")
     p.add_argument("--steps", type=_floats, default=DEFAULT_STEPS, help="finite-difference steps h "
                    "(default 1e-4,1e-3,5e-3,1e-2)")
-    p.add_argument("--precisions", type=_precisions, default=("float32", "bfloat16"),
-                   help="comma list of float32, tf32 (CUDA), bfloat16 (default float32,bfloat16)")
+    p.add_argument("--precisions", type=_precisions, default=("float32", "tf32_emulated", "bfloat16"),
+                   help="comma list of float32, tf32 (CUDA), tf32_emulated, bfloat16 (default "
+                        "float32,tf32_emulated,bfloat16)")
     p.add_argument("--u-rms", type=float, default=1.0, help="RMS of the DiT^DH's u after scaling (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")

@@ -29,8 +29,9 @@ out-of-memory or a hang is recorded as that section's error and the next section
     derivative_accuracy          relative error of du/dt on DiT^DH-XL at 768 x 16 x 16 (random weights, u RMS 1,
                                  batch 4): the library's finite difference (float32 stencil) and the released
                                  fused layout at h = 1e-4 .. 1e-2, and the JVP, in float32 (TF32 off), float32 with
-                                 TF32 matmuls / convolutions, and bf16 autocast, against a float64 JVP
-                                 (`mfrae.flow.derivative_accuracy`, docs/derivative_accuracy.md)
+                                 TF32 matmuls / convolutions (and the CPU emulation of TF32 beside it, to check it),
+                                 and bf16 autocast, against a float64 JVP (`mfrae.flow.derivative_accuracy`,
+                                 docs/derivative_accuracy.md)
     train_step_compiled          the training step with the student compiled (engine `train.compile`)
 
 Budget: sections get cumulative shares of `--budget-s` (time a section leaves unused passes to the next); a
@@ -84,15 +85,22 @@ SAMPLING_VARIANTS: dict[str, tuple[tuple[int, str], ...]] = {
 TRAIN_VALUES = ("batch", "ms_per_step", "samples_per_s", "peak_memory_gib", "flops_per_step", "achieved_tflops",
                 "mfu", "mfu_tf32")
 
-# derivative_accuracy: (precision of mfrae.flow.derivative_accuracy, short name), finite-difference steps, strategies
-DERIVATIVE_PRECISIONS = (("float32", "fp32"), ("tf32", "tf32"), ("bfloat16", "bf16"))
-DERIVATIVE_STEPS = (1e-4, 1e-3, 5e-3, 1e-2)
+# derivative_accuracy: strategies (mfrae name: short name), finite-difference steps, and per precision of
+# mfrae.flow.derivative_accuracy its short name and the strategies measured (the CPU emulation of TF32 runs beside
+# the real one, to validate it; it cannot measure the library stencil, which turns TF32 off)
 DERIVATIVE_METHODS = {"jvp": "jvp", "finite_difference": "fd", "finite_difference_fused": "fused"}
+DERIVATIVE_STEPS = (1e-4, 1e-3, 5e-3, 1e-2)
+DERIVATIVE_PRECISIONS = {
+    "float32": ("fp32", tuple(DERIVATIVE_METHODS)),
+    "tf32": ("tf32", tuple(DERIVATIVE_METHODS)),
+    "tf32_emulated": ("tf32emu", ("jvp", "finite_difference_fused")),
+    "bfloat16": ("bf16", tuple(DERIVATIVE_METHODS)),
+}
 
 
 def _derivative_key(method: str, step: float | None, precision: str) -> str:
     """The values key of one measurement, e.g. fd_h5e-3_bf16 (library stencil, h = 5e-3, bf16 autocast)."""
-    short = dict(DERIVATIVE_PRECISIONS)[precision]
+    short = DERIVATIVE_PRECISIONS[precision][0]
     name = DERIVATIVE_METHODS[method]
     if step is None:
         return f"{name}_{short}"
@@ -100,8 +108,8 @@ def _derivative_key(method: str, step: float | None, precision: str) -> str:
     return f"{name}_h{mantissa}e{int(exponent)}_{short}"
 
 
-DERIVATIVE_VALUES = tuple(_derivative_key(m, h, p) for p, _ in DERIVATIVE_PRECISIONS for m in DERIVATIVE_METHODS
-                          for h in ((None,) if m == "jvp" else DERIVATIVE_STEPS))
+DERIVATIVE_VALUES = tuple(_derivative_key(m, h, p) for p, (_, methods) in DERIVATIVE_PRECISIONS.items()
+                          for m in methods for h in ((None,) if m == "jvp" else DERIVATIVE_STEPS))
 
 
 def _sampling_values(section: str) -> tuple[str, ...]:
@@ -651,19 +659,21 @@ def section_derivative_accuracy(child: Child) -> None:
         "model": config.to_dict(), "batch": batch, "steps": list(DERIVATIVE_STEPS),
         "method": "relative L2 error of du/dt (tangent (v, 0, 1), v = e - x) from FiniteDifference(h) (the library "
                   "default: float32 stencil, TF32 off, whatever the caller's setting), FusedFiniteDifference(h) (the "
-                  "released MF-RAE layout, caller's precision) and JVP(), against JVP() on a float64 copy",
+                  "released MF-RAE layout, caller's precision) and JVP(), against JVP() on a float64 copy; "
+                  "tf32_emulated: operands of matmuls / convolutions / attention rounded to TF32 by "
+                  "mfrae.flow.derivative_accuracy.TF32Emulation (compare with the real tf32 rows)",
         "u_rms": float(u_ref.double().square().mean().sqrt()),
         "dudt_rms": float(dudt_ref.double().square().mean().sqrt()),
         "reference_seconds": time.monotonic() - start, "configs": []}
     child.save()
-    for precision, _ in DERIVATIVE_PRECISIONS:
+    for precision, (_, methods) in DERIVATIVE_PRECISIONS.items():
         row = {"precision": precision}
         start = time.monotonic()
         try:
             report = derivative_accuracy(net, z, t, r, y, e - x, steps=DERIVATIVE_STEPS, precision=precision,
-                                         methods=tuple(DERIVATIVE_METHODS), reference=(u_ref, dudt_ref))
+                                         methods=methods, reference=(u_ref, dudt_ref))
             row["errors"] = report.errors
-            for method in DERIVATIVE_METHODS:
+            for method in methods:
                 for h in (None,) if method == "jvp" else DERIVATIVE_STEPS:
                     child.record["values"][_derivative_key(method, h, precision)] = \
                         report.errors[strategy_label(method, h)]

@@ -93,7 +93,7 @@ def test_sample_memory_benchmark_reports_each_size(capsys):
 def test_derivative_accuracy_benchmark_reports_every_strategy_and_precision(capsys):
     report = _run("derivative_accuracy", ["--tiny", "--threads", "1"], capsys)
     steps = report["steps"]
-    assert steps == [1e-4, 1e-3, 5e-3, 1e-2] and report["precisions"] == ["float32", "bfloat16"]
+    assert steps == [1e-4, 1e-3, 5e-3, 1e-2] and report["precisions"] == ["float32", "tf32_emulated", "bfloat16"]
     assert list(report["testbeds"]) == ["mixture-2d", "mixture-8d", "dit-tiny"]
     expected = {"jvp"} | {f"{m} h={h:g}" for m in ("finite_difference", "finite_difference_fused") for h in steps}
     for name, testbed in report["testbeds"].items():
@@ -105,6 +105,11 @@ def test_derivative_accuracy_benchmark_reports_every_strategy_and_precision(caps
             assert bf16[f"finite_difference h={h:g}"] == f32[f"finite_difference h={h:g}"], name
             assert bf16[f"finite_difference_fused h={h:g}"] > f32[f"finite_difference_fused h={h:g}"], name
         assert f32["jvp"] < 1e-4, name  # float32 forward-mode AD against the float64 one
+        tf32 = testbed["precisions"]["tf32_emulated"]["errors"]  # no library stencil: it turns TF32 off
+        assert set(tf32) == expected - {f"finite_difference h={h:g}" for h in steps}, name
+        for h in steps:
+            key = f"finite_difference_fused h={h:g}"
+            assert f32[key] < tf32[key] < bf16[key], name
     assert report["testbeds"]["dit-tiny"]["u_rms"] == pytest.approx(1.0, rel=1e-3)  # --u-rms
 
 
@@ -126,7 +131,7 @@ def test_train_step_default_invocation_runs_its_child_processes(tmp_path):
     ("sample_memory", ["--sizes", "40,80", "--batch-size", "16", "--shard-size", "32"], ("peak RSS ratio",)),
     ("derivative_accuracy", ["--tiny", "--no-dit", "--toy-dims", "2", "--threads", "1"],
      ("command: .venv/bin/python benchmarks/derivative_accuracy.py --tiny", "mixture-2d", "finite_difference h=0.0001",
-      "bfloat16", "wall time")),
+      "bfloat16", "tf32_emulated", "n/a", "wall time")),
 ])
 def test_benchmark_tables_print(capsys, name, argv, expected):
     """The default (table) output of each benchmark, not only its --json report."""
@@ -152,7 +157,7 @@ GPU_SECTIONS = {
     "sampling_256_compiled_fp32": {"mf1_fp32_images_per_s", "mf2_fp32_images_per_s"},
     "sampling_512": {"mf1_bf16_images_per_s"},
     "derivative_accuracy": {f"{m}_{p}" for m in ("jvp", "fd_h1e-4", "fd_h5e-3", "fused_h1e-4", "fused_h5e-3")
-                            for p in ("fp32", "tf32", "bf16")},
+                            for p in ("fp32", "tf32", "bf16")} | {"jvp_tf32emu", "fused_h1e-4_tf32emu"},
 }
 SECTION_KEYS = {"status", "reason", "error", "seconds", "timeout_s", "values", "details"}
 
@@ -312,8 +317,11 @@ def test_gpu_check_derivative_accuracy_section_on_cpu(tmp_path):
     for h in ("1e-4", "1e-3", "5e-3", "1e-2"):
         assert values[f"fd_h{h}_bf16"] == values[f"fd_h{h}_fp32"]
         assert values[f"fused_h{h}_bf16"] > values[f"fused_h{h}_fp32"]
-    assert values["jvp_fp32"] < values["jvp_bf16"]
-    assert [c["precision"] for c in section["details"]["configs"]] == ["float32", "tf32", "bfloat16"]
+        # on a CPU the TF32 flags change nothing; the emulation rounds to 10 mantissa bits, less than bf16's 7
+        assert values[f"fused_h{h}_tf32"] == values[f"fused_h{h}_fp32"]
+        assert values[f"fused_h{h}_fp32"] < values[f"fused_h{h}_tf32emu"] < values[f"fused_h{h}_bf16"]
+    assert values["jvp_fp32"] < values["jvp_tf32emu"] < values["jvp_bf16"]
+    assert [c["precision"] for c in section["details"]["configs"]] == ["float32", "tf32", "tf32_emulated", "bfloat16"]
 
 
 def test_gpu_check_script_end_to_end_without_cuda(tmp_path):

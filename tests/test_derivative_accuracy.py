@@ -12,10 +12,13 @@ from torch import nn
 
 from mfrae.flow.derivative_accuracy import (
     DEFAULT_STEPS,
+    TF32Emulation,
+    applicable_methods,
     derivative_accuracy,
     precision_region,
     reference_derivative,
     relative_error,
+    round_to_tf32,
 )
 from mfrae.flow.objectives import FusedFiniteDifference, GapRows
 
@@ -149,6 +152,45 @@ def test_float32_fused_and_library_stencils_agree():
     report = derivative_accuracy(SmallMLP(), *_inputs(), steps=(5e-3,))
     lib, fused = report.errors["finite_difference h=0.005"], report.errors["finite_difference_fused h=0.005"]
     assert abs(lib - fused) < 0.2 * lib
+
+
+def test_round_to_tf32_keeps_ten_mantissa_bits():
+    """TF32: 10 explicit mantissa bits, round to nearest, ties away from zero."""
+    one = torch.tensor([1.0, -1.0])
+    half_ulp, ulp = 2.0**-11, 2.0**-10  # TF32 spacing at 1 is 2^-10
+    assert torch.equal(round_to_tf32(one * (1 + ulp)), one * (1 + ulp))  # representable: unchanged
+    assert torch.equal(round_to_tf32(one * (1 + half_ulp)), one * (1 + ulp))  # tie: away from zero
+    assert torch.equal(round_to_tf32(one * (1 + half_ulp - 2.0**-20)), one)  # below the tie: down
+    x = torch.randn(10_000) * torch.logspace(-20, 20, 10_000)
+    rounded = round_to_tf32(x)
+    assert ((rounded - x).abs() <= half_ulp * x.abs()).all()
+    assert (rounded.view(torch.int32) & 0x1FFF == 0).all()  # the 13 dropped bits are clear
+    with pytest.raises(ValueError, match="float32"):
+        round_to_tf32(x.double())
+
+
+def test_tf32_emulation_rounds_matmul_operands():
+    a, b = torch.randn(8, 32), torch.randn(32, 8)
+    with TF32Emulation():
+        emulated = a @ b
+    assert torch.allclose(emulated, round_to_tf32(a) @ round_to_tf32(b), rtol=0, atol=1e-5)
+    assert not torch.allclose(emulated, a @ b, rtol=0, atol=1e-5)
+
+
+def test_emulated_tf32_lies_between_float32_and_bf16():
+    """TF32 keeps 3 more mantissa bits than bf16: its rounding error in the fused stencil is smaller than bf16's and
+    larger than float32's at every h, and it reaches the JVP's tangents too. The library stencil (TF32 off on a
+    GPU) is refused under the emulation."""
+    net, inputs = SmallMLP(), _inputs()
+    f32, tf32, bf16 = (derivative_accuracy(net, *inputs, precision=p) for p in ("float32", "tf32_emulated", "bfloat16"))
+    assert set(tf32.errors) == {"jvp"} | {f"finite_difference_fused h={h:g}" for h in DEFAULT_STEPS}
+    for h in DEFAULT_STEPS:
+        key = f"finite_difference_fused h={h:g}"
+        assert f32.errors[key] < tf32.errors[key] < bf16.errors[key]
+    assert f32.errors["jvp"] < tf32.errors["jvp"] < bf16.errors["jvp"]
+    assert "finite_difference" not in applicable_methods("tf32_emulated")
+    with pytest.raises(ValueError, match="TF32 off"):
+        derivative_accuracy(net, *inputs, precision="tf32_emulated", methods=("finite_difference",))
 
 
 def test_precision_region_restores_the_tf32_flags():

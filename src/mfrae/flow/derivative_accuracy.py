@@ -16,10 +16,12 @@ du/dt is compared with `JVP()` run on a float64 copy of the same weights.
     report.errors  # {"jvp": ..., "finite_difference h=0.0001": ..., "finite_difference_fused h=0.0001": ...}
 
 Precisions: "float32" (autocast off, TF32 off on CUDA), "tf32" (float32 with TF32 matmuls and cuDNN convolutions
-allowed, CUDA only), "bfloat16" (bf16 autocast on the tensors' device). Note what each strategy does with the
-precision: `FiniteDifference` (the library default) always evaluates its stencil in strict float32 whatever the
-caller's setting; `FusedFiniteDifference` (the layout of the released MF-RAE code) and `JVP` run in the caller's
-precision. Results: docs/derivative_accuracy.md.
+allowed: real on CUDA, no effect on a CPU), "tf32_emulated" (float32 with the inputs of every matmul, convolution
+and attention rounded to TF32's 10-bit mantissa by a dispatch mode: TF32 on any device, `round_to_tf32`) and
+"bfloat16" (bf16 autocast on the tensors' device). Note what each strategy does with the precision:
+`FiniteDifference` (the library default) always evaluates its stencil in strict float32 (TF32 off on CUDA)
+whatever the caller's setting; `FusedFiniteDifference` (the layout of the released MF-RAE code, whose training
+scripts run float32 with TF32 allowed) and `JVP` run in the caller's precision. Results: docs/derivative_accuracy.md.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from mfrae.flow.objectives import DERIVATIVES, GapRows, JVP, Model, make_time_derivative
 
-__all__ = ["DEFAULT_STEPS", "PRECISIONS", "DerivativeAccuracy", "derivative_accuracy", "precision_region",
-           "reference_derivative", "relative_error", "strategy_label"]
+__all__ = ["DEFAULT_STEPS", "PRECISIONS", "DerivativeAccuracy", "applicable_methods", "derivative_accuracy",
+           "precision_region", "reference_derivative", "relative_error", "round_to_tf32", "strategy_label"]
 
-PRECISIONS: tuple[str, ...] = ("float32", "tf32", "bfloat16")
+PRECISIONS: tuple[str, ...] = ("float32", "tf32", "tf32_emulated", "bfloat16")
 DEFAULT_STEPS: tuple[float, ...] = (1e-4, 1e-3, 5e-3, 1e-2)  # MF-RAE Table 3's steps (5e-3 is its default)
 FINITE_DIFFERENCES: tuple[str, ...] = ("finite_difference", "finite_difference_fused")
 
@@ -59,11 +63,49 @@ def strategy_label(method: str, step: float | None = None) -> str:
     return method if step is None else f"{method} h={step:g}"
 
 
+def round_to_tf32(x: Tensor) -> Tensor:
+    """float32 values rounded to TF32 (8-bit exponent, 10-bit mantissa: unit roundoff 2^-11 ~ 4.9e-4), to nearest
+    with ties away from zero (PTX cvt.rna.tf32.f32), returned as float32; what TF32 tensor cores do to the
+    inputs of a float32 matmul or convolution. Infinities and NaN are not treated."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"round_to_tf32 takes float32, got {x.dtype}")
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)  # add half of the 13 dropped bits' range, clear them
+
+
+_aten = torch.ops.aten
+# op: positions of its float32 operands that TF32 hardware would round (bias / accumulator operands excluded)
+_TF32_OPERANDS = {
+    _aten.mm.default: (0, 1), _aten.bmm.default: (0, 1), _aten.addmm.default: (1, 2), _aten.baddbmm.default: (1, 2),
+    _aten.convolution.default: (0, 1),
+    _aten._scaled_dot_product_flash_attention_for_cpu.default: (0, 1, 2),
+    _aten._scaled_dot_product_efficient_attention.default: (0, 1, 2),
+    _aten._scaled_dot_product_flash_attention.default: (0, 1, 2),
+}
+
+
+class TF32Emulation(TorchDispatchMode):
+    """Rounds the float32 operands of matmuls, convolutions and fused attention to TF32 (`round_to_tf32`) below
+    autograd and torch.func, so forward passes, finite differences and JVP tangents all see it. An emulation of
+    `torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True` on any device; it cannot see
+    `strict_float32_region` (which turns the CUDA flags off), so the library stencil is not measured under it."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        positions = _TF32_OPERANDS.get(func)
+        if positions:
+            args = list(args)
+            for i in positions:
+                if isinstance(args[i], Tensor) and args[i].dtype == torch.float32:
+                    args[i] = round_to_tf32(args[i])
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def precision_region(precision: str, device: torch.device) -> Iterator[None]:
     """The numeric setting a strategy is measured under: "float32" (autocast off; TF32 off on CUDA), "tf32" (float32
-    with TF32 matmuls and cuDNN convolutions allowed; meaningful on CUDA only) or "bfloat16" (bf16 autocast on
-    `device`). The process-wide TF32 flags are restored on exit."""
+    with TF32 matmuls and cuDNN convolutions allowed; meaningful on CUDA only), "tf32_emulated" (float32 with the
+    CUDA flags off and `TF32Emulation` instead, on any device) or "bfloat16" (bf16 autocast on `device`). The
+    process-wide TF32 flags are restored on exit."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -76,7 +118,7 @@ def precision_region(precision: str, device: torch.device) -> Iterator[None]:
             region = torch.autocast(device.type, enabled=False)
         else:
             region = contextlib.nullcontext()
-        with region:
+        with region, (TF32Emulation() if precision == "tf32_emulated" else contextlib.nullcontext()):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
@@ -93,6 +135,14 @@ def reference_derivative(net: Model, z: Tensor, t: Tensor, r: Tensor, y: Tensor,
     with torch.no_grad(), precision_region("float32", z.device):
         u, dudt = JVP()(net64, z64, t64, r64, y, v64, GapRows.leading(z.shape[0]))
     return u.detach(), dudt.detach()
+
+
+def applicable_methods(precision: str) -> tuple[str, ...]:
+    """The strategies measured under `precision` by default: all, except the library stencil under
+    "tf32_emulated" (on a GPU it runs with TF32 off, which the emulation cannot see)."""
+    if precision == "tf32_emulated":
+        return ("jvp", "finite_difference_fused")
+    return ("jvp", *FINITE_DIFFERENCES)
 
 
 @dataclass
@@ -120,7 +170,7 @@ def derivative_accuracy(
     v: Tensor,
     steps: Sequence[float] = DEFAULT_STEPS,
     precision: str = "float32",
-    methods: Sequence[str] = ("jvp", *FINITE_DIFFERENCES),
+    methods: Sequence[str] | None = None,
     reference: tuple[Tensor, Tensor] | None = None,
 ) -> DerivativeAccuracy:
     """Relative error of du/dt (tangent (dz, dr, dt) = (v, 0, 1), MeanFlow arXiv 2505.13447 Eq. 8) from each of the
@@ -130,16 +180,20 @@ def derivative_accuracy(
 
     Every row is treated as an r != t row (give r < t). z, t, r, v are float32 tensors (z [B, ...], t and r [B],
     v like z), y the labels [B]. The strategies are built by `make_time_derivative(method, h)` and called as the
-    MeanFlow objective calls them, under no_grad.
+    MeanFlow objective calls them, under no_grad. `methods` defaults to `applicable_methods(precision)`.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    methods = applicable_methods(precision) if methods is None else tuple(methods)
     unknown = sorted(set(methods) - set(DERIVATIVES))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {DERIVATIVES}")
+    if precision == "tf32_emulated" and "finite_difference" in methods:
+        raise ValueError("the library stencil (finite_difference) runs with TF32 off on a GPU, which tf32_emulated "
+                         "cannot reproduce; measure it under 'tf32' on CUDA, or use finite_difference_fused")
     steps = tuple(float(h) for h in steps)
     if any(not h > 0 for h in steps):
         raise ValueError(f"finite-difference steps must be > 0, got {steps}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     if v.shape != z.shape:
         raise ValueError(f"the tangent v must have z's shape {tuple(z.shape)}, got {tuple(v.shape)}")
     u_ref, dudt_ref = reference if reference is not None else reference_derivative(net, z, t, r, y, v)
