@@ -183,7 +183,7 @@ def test_folder_raise_mode_names_the_file(folder: Path) -> None:
 def test_folder_image_over_max_pixels_is_bad(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # 16x16 = 256 pixels: Pillow would only warn
     ds = ImageFolderDataset(folder, 16, random_flip=False)
-    with pytest.raises(DataError, match="none of its 5 images"):
+    with pytest.raises(DataError, match=r"no readable images in .* \(5 skipped; e\.g\. "):
         ds[0]
     with pytest.raises(DataError, match="DecompressionBomb"):
         ImageFolderDataset(folder, 16, on_error="raise")[0]
@@ -192,7 +192,7 @@ def test_folder_image_over_max_pixels_is_bad(folder: Path, monkeypatch: pytest.M
 def test_folder_all_bad_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(b"junk")
-    with pytest.raises(DataError, match="none of its 1 images can be read"):
+    with pytest.raises(DataError, match=r"no readable images in .* \(1 skipped; "):
         ImageFolderDataset(tmp_path, 8)[0]
 
 

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as err:
         # Bad input: one clear line, no traceback.
-        print(f"mfrae {args.command}: error: {err}", file=sys.stderr)
+        print(f"mfrae {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:  # a full or read-only disk, a missing permission: the file and the cause, in one line
         print(f"mfrae {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
@@ -72,6 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C before a command's own handling of it (training, sampling) started
         print(f"mfrae {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err`; for an error a DataLoader worker raised (torch re-raises it with the worker's whole
+    traceback in its message), the worker's own message, which is that traceback's last line."""
+    text = str(err)
+    if "\n" in text and text.startswith("Caught ") and "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        name = type(err).__name__
+        return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+    return text
 
 
 def describe_os_error(err: OSError) -> str:

@@ -74,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     from mfrae.distributed import process_group
     from mfrae.pipeline import build_data, build_rae_encoder, load_pipeline_config
 
+    for option, value in (("--batch-size", args.batch_size), ("--max-images", args.max_images)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
     cfg = load_pipeline_config(args.config, args.set)
     out = Path(args.out)
     path = out if out.suffix in (".safetensors", ".pt") else out / STATS_FILE

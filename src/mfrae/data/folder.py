@@ -177,7 +177,7 @@ class ImageFolderDataset(EpochItems, Dataset):
             if self.random_flip and flip_coin(seed, epoch, index):
                 arr = arr[:, ::-1]
             return (uint8_to_tensor(arr), int(self.labels[j])), tuple(bad)
-        raise DataError(f"image folder {self.root}: none of its {n} images can be read (e.g. {bad[0][0]}: {bad[0][1]})")
+        raise DataError(f"no readable images in {self.root} ({n} skipped; e.g. {bad[0][0]}: {bad[0][1]})")
 
     def __repr__(self) -> str:
         return (

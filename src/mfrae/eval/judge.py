@@ -14,7 +14,7 @@ test digits). Training uses mild augmentation (shifts, zoom, random blur) so the
 decoder produces are still classified like real ones.
 
 Registered as the feature extractor "digits_judge" (`mfrae eval --features digits_judge`): the judge file
-comes from `FeatureOptions.extra["judge"]` (a path or a `DigitsJudge`) or else `$MFRAE_DIGITS_JUDGE`.
+comes from `--judge FILE` / `FeatureOptions.extra["judge"]` (a path or a `DigitsJudge`) or else `$MFRAE_DIGITS_JUDGE`.
 """
 
 from __future__ import annotations
@@ -284,8 +284,8 @@ def judge_reference_stats(judge: DigitsJudge, reference_images: ImagesLike, batc
 def _judge_factory(options: FeatureOptions) -> FeatureExtractor:
     source = options.extra.get("judge") or os.environ.get(JUDGE_ENV)
     if source is None:
-        raise ValueError(f"features 'digits_judge' need a judge file: FeatureOptions.extra['judge'] "
-                         f"(a path or a DigitsJudge) or ${JUDGE_ENV}")
+        raise ValueError(f"features 'digits_judge' need a judge file: --judge FILE (a demo run's judge.safetensors; "
+                         f"in code FeatureOptions.extra['judge']) or ${JUDGE_ENV}")
     judge = source if isinstance(source, DigitsJudge) else DigitsJudge.load(source)
     judge = judge.to(options.device).eval()
 
