@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+import yaml
 
+from mfrae.config import to_dict
 from mfrae.data import build_latent_cache
 from mfrae.models.encoders import tokens_to_grid
 
@@ -26,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=1024)
     parser.add_argument("--flip-both", action="store_true", help="also encode the mirrored images")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved data and rae sections and exit (nothing is read or written)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = args.set + ([f"rae.pretrained={args.rae}"] if args.rae else [])
     cfg = load_pipeline_config(args.config, overrides)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
     with process_group() as info:
         encoder = build_rae_encoder(cfg.rae).to(info.device)
         index = build_latent_cache(

@@ -15,10 +15,12 @@ import argparse
 from pathlib import Path
 
 import torch
+import yaml
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from mfrae.checkpoint import save_latent_stats
+from mfrae.config import to_dict
 from mfrae.errors import ConfigError
 from mfrae.fileio import commit, temp_path
 from mfrae.models.encoders import RepresentationEncoder, tokens_to_grid
@@ -68,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-images", type=int, default=None, help="use only the first N images")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing statistics file")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved data and rae sections and exit (nothing is read or written)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ValueError(f"{option} must be >= 1, got {value}")
     cfg = load_pipeline_config(args.config, args.set)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
     out = Path(args.out)
     path = out if out.suffix in (".safetensors", ".pt") else out / STATS_FILE
     if path.exists() and not args.overwrite:  # checked before the (long) pass over the data
