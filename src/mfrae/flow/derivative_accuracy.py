@@ -47,7 +47,8 @@ FINITE_DIFFERENCES: tuple[str, ...] = ("finite_difference", "finite_difference_f
 
 
 def relative_error(estimate: Tensor, reference: Tensor) -> float:
-    """Relative L2 error ||estimate - reference|| / ||reference|| over the whole batch, computed in float64."""
+    """Relative L2 error ||estimate - reference|| / ||reference|| over the whole batch, computed in float64: the
+    measure of du/dt's accuracy here (MF-RAE arXiv 2511.13019 Table 3 compares the steps by FID instead)."""
     if estimate.shape != reference.shape:
         raise ValueError(f"shapes differ: {tuple(estimate.shape)} vs {tuple(reference.shape)}")
     ref = reference.detach().double()
