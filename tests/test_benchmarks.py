@@ -113,6 +113,32 @@ def test_derivative_accuracy_benchmark_reports_every_strategy_and_precision(caps
     assert report["testbeds"]["dit-tiny"]["u_rms"] == pytest.approx(1.0, rel=1e-3)  # --u-rms
 
 
+def test_frechet_benchmark_times_both_forms_of_the_same_number(capsys):
+    report = _run("frechet", ["--dim", "48", "--samples", "20,300"], capsys)
+    assert list(report["cases"]) == ["20", "300"] and report["dim"] == 48
+    for case in report["cases"].values():
+        assert case["relative_difference"] < 1e-6  # eigh and sqrtm give one FD
+        assert case["ratio_old_vs_new"] == pytest.approx(case["seconds_sqrtm"] / case["seconds_eigh"])
+    assert _load("frechet").main(["--dim", "8", "--samples", "5,50"]) == 0
+    assert "old/new" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # 2048-d Fréchet distances and 299 px Inception passes: ~40 s on 2 busy cores
+def test_fid_conventions_benchmark_reports_every_convention(capsys, tmp_path):
+    argv = ["--sizes", "8", "--num", "3", "--workdir", str(tmp_path)]
+    report = _run("fid_conventions", argv, capsys)
+    row = report["sizes"]["8"]
+    assert list(row["conventions"]) == ["adm", "pytorch-fid", "clean"]
+    adm = row["conventions"]["adm"]
+    for values in row["conventions"].values():
+        assert values["ratio_real_vs_adm"] == pytest.approx(values["fid_real"] / adm["fid_real"])
+        assert values["ratio_degraded_vs_adm"] == pytest.approx(values["fid_degraded"] / adm["fid_degraded"])
+    mixed = row["mixed"]
+    assert mixed["ratio_mixed_vs_adm"] == pytest.approx(mixed["fid_degraded_pytorch_fid_vs_adm_reference"]
+                                                        / adm["fid_degraded"])
+    assert mixed["fid_reference_pytorch_fid_vs_adm_reference"] > 0  # the same images, two conventions
+
+
 def test_train_step_default_invocation_runs_its_child_processes(tmp_path):
     """`python benchmarks/train_step.py` as a user runs it: fresh timing and memory children, the table, the target
     lines (tiny size and two variants to keep it short; every variant runs in-process above)."""

@@ -36,6 +36,7 @@ from mfrae.eval.metrics import (
     RunningStats,
     class_accuracy,
     frechet_distance,
+    frechet_distance_sqrtm,
     inception_score,
     precision_recall,
 )
@@ -83,12 +84,13 @@ def test_fd_singular_covariances():
     assert frechet_distance(np.zeros(2), np.diag([1.0, 0.0]), np.zeros(2), np.diag([0.0, 1.0])) == pytest.approx(2.0)
 
 
-def test_fd_falls_back_to_an_eps_offset(monkeypatch):
-    # Force the retry path: it takes sqrt((S1 + eps I)(S2 + eps I)) but keeps the traces of S1 and S2.
+def test_fd_sqrtm_falls_back_to_an_eps_offset(monkeypatch):
+    # Force the retry path of the ADM evaluator's form: it takes sqrt((S1 + eps I)(S2 + eps I)) but keeps the
+    # traces of S1 and S2.
     monkeypatch.setattr(metrics, "_SQRTM_MAX_RESIDUAL", -1.0)
     a, b, eps = np.array([1.0, 4.0, 0.0]), np.array([2.0, 0.5, 3.0]), 1e-3
     expected = np.sum(a + b - 2.0 * np.sqrt((a + eps) * (b + eps)))
-    got = frechet_distance(np.zeros(3), np.diag(a), np.zeros(3), np.diag(b), eps=eps)
+    got = frechet_distance_sqrtm(np.zeros(3), np.diag(a), np.zeros(3), np.diag(b), eps=eps)
     assert got == pytest.approx(expected, rel=1e-10)
 
 
@@ -119,9 +121,11 @@ def test_fd_rejects_bad_input():
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="NaN"):
         frechet_distance(np.array([np.nan, 0.0]), np.eye(2), np.zeros(2), np.eye(2))
-    # Not a covariance: sqrt(diag(1, -1)) has a large imaginary part.
-    with pytest.raises(ValueError, match="imaginary"):
+    # Not a covariance: negative eigenvalue; in the sqrtm form, sqrt(diag(1, -1)) has a large imaginary part.
+    with pytest.raises(ValueError, match="positive semi-definite"):
         frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="imaginary"):
+        frechet_distance_sqrtm(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
 
 
 # --------------------------------------------------------------------------------------- feature stats
@@ -494,13 +498,15 @@ def test_inception_fid_pooling_variants():
 
 def test_inception_output_and_input_size_independence(inception):
     x = torch.rand(1, 3, 64, 64)
+    torch_fid = FIDInceptionV3(convention="pytorch-fid").eval()
+    torch_fid.load_state_dict(inception.state_dict())
     with torch.inference_mode():
-        feats = inception(x)
+        feats = torch_fid(x)
         resized = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         assert feats.shape == (1, 2048)
         assert torch.isfinite(feats).all() and (feats >= 0).all()  # average of ReLU outputs
         # The net resizes every input to 299: a pre-resized input gives the same features.
-        torch.testing.assert_close(inception(resized), feats, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(torch_fid(resized), feats, atol=1e-5, rtol=1e-4)
         assert inception(torch.rand(1, 3, 17, 40)).shape == (1, 2048)
 
 
@@ -545,7 +551,7 @@ def test_inception_adm_outputs(inception):
         torch.testing.assert_close(out.pool, inception(x))
         torch.testing.assert_close(out.logits, out.pool @ inception.fc.weight.T)
         assert not torch.allclose(out.logits, inception.logits(out.pool))
-        h = inception._stem(x)
+        h = inception._stem(inception.preprocess(x))
         for block in (inception.Mixed_5b, inception.Mixed_5c, inception.Mixed_5d, inception.Mixed_6a,
                       inception.Mixed_6b, inception.Mixed_6c):
             h = block(h)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mfrae.eval.conventions import DEFAULT_FID_CONVENTION, FID_CONVENTIONS
 from mfrae.eval.features import (
     FeatureExtractor,
     FeatureOptions,
@@ -57,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"feature extractor: {', '.join(available_feature_extractors())} (default: inception)")
     parser.add_argument("--inception-weights", metavar="PATH",
                         help="local pt_inception-2015-12-05-6726825d.pth (default: $MFRAE_FID_INCEPTION)")
+    parser.add_argument("--fid-convention", choices=FID_CONVENTIONS, default=DEFAULT_FID_CONVENTION,
+                        help="resize to 299 and normalisation of --features inception: adm (the ADM evaluator's "
+                             "TF graph; its reference batches' mu/sigma), pytorch-fid, clean (clean-fid) "
+                             f"(default: {DEFAULT_FID_CONVENTION}; docs/evaluation.md)")
     parser.add_argument("--encoder", metavar="DIR", help="local Hugging Face encoder folder for --features encoder")
     parser.add_argument("--judge", metavar="FILE",
                         help="the digits judge for --features digits_judge (a demo run's judge.safetensors; "
@@ -134,7 +139,8 @@ class _Side:
             raise ValueError(f"{self.role} {self.path}: need at least 2 images, got {self.features.shape[0]}")
         if self.stats_source != PRECOMPUTED:
             stats = FeatureStats.from_features(self.features, name=name)
-            self.stats = dataclasses.replace(stats, image_size=self.stream.size)  # recorded by --save-*-stats
+            self.stats = dataclasses.replace(stats, image_size=self.stream.size,  # recorded by --save-*-stats
+                                             convention=extractor.convention)
             self.spatial = out.spatial
             self.stats_source = FROM_IMAGES
 
@@ -197,6 +203,19 @@ def _distribution_metrics(samples: _Side, reference: _Side, args: argparse.Names
         out.update(precision=None, recall=None)
         notes.append("precision/recall skipped: they need features of both sets, and a stats file has none")
     return out
+
+
+def _check_conventions(sides: list[_Side], args: argparse.Namespace) -> None:
+    """Precomputed Inception statistics must have been made under --fid-convention: FIDs of two conventions
+    differ by more than the gaps papers report (docs/evaluation.md)."""
+    if args.features != "inception":
+        return
+    for side in sides:
+        for stats in (side.stats, side.spatial):
+            if stats is not None and stats.convention != args.fid_convention:
+                raise ValueError(f"{side.role} stats {side.path} were computed under FID convention "
+                                 f"'{stats.convention}', not '{args.fid_convention}' (--fid-convention); "
+                                 "statistics of two conventions are not comparable")
 
 
 def _print_text(result: dict[str, object], notes: list[str]) -> None:
@@ -274,6 +293,7 @@ def run(args: argparse.Namespace) -> int:
     if args.save_sample_stats and (samples is None or samples.stream is None):
         raise ValueError("--save-sample-stats needs --samples to be images")
     notes: list[str] = []
+    _check_conventions([s for s in (samples, reference) if s is not None], args)
     if samples is not None and reference is not None:
         _check_pair(samples, reference, args, notes)
 
@@ -282,7 +302,8 @@ def run(args: argparse.Namespace) -> int:
     wanted = len(sides) == 2 or args.save_reference_stats or args.save_sample_stats
     if wanted and any(s.stream is not None for s in sides):
         options = FeatureOptions(device=args.device or default_device(), batch_size=args.batch_size,
-                                 inception_weights=args.inception_weights, encoder=args.encoder,
+                                 inception_weights=args.inception_weights, fid_convention=args.fid_convention,
+                                 encoder=args.encoder,
                                  encoder_image_size=args.encoder_image_size, pixels_size=args.pixels_size,
                                  extra={"judge": args.judge} if args.judge else {})
         if args.rae:
@@ -292,6 +313,8 @@ def run(args: argparse.Namespace) -> int:
             side.compute(extractor, args.features, progress=not args.no_progress)
 
     result: dict[str, object] = {"features": args.features}
+    if args.features == "inception":
+        result["fid_convention"] = args.fid_convention  # fid, sfid, inception_score and precision/recall hold to it
     if samples is not None:
         result["num_samples"] = samples.count
     if reference is not None:

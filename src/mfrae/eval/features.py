@@ -4,6 +4,8 @@ Built-in names:
 * `inception`: the FID Inception-v3 pool features (2048-d); needs the weights file (`inception_weights`
   option or `$MFRAE_FID_INCEPTION`). FD on these features is FID. The same pass gives the Inception Score
   logits (`score_logits`) and the sFID features (`mixed_6/conv[..., :7]`, 2023-d, kept as running stats).
+  `fid_convention` (default `adm`, the ADM evaluator's; `mfrae.eval.conventions`) sets the resize to 299 and
+  the normalisation; the extractor's `convention` records it.
 * `encoder`: a frozen representation encoder; FD on its features is the FD-DINOv2-style metric. Either pass
   an in-memory module (`FeatureOptions.module`) or a local Hugging Face model folder (`FeatureOptions.encoder`,
   e.g. DINOv2); images are resized (bicubic, antialiased) to `encoder_image_size` and normalized with the
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from mfrae.eval.conventions import DEFAULT_FID_CONVENTION
 from mfrae.eval.metrics import FeatureStats, RunningStats
 from mfrae.eval.samples import ImageStream, from_uint8_nhwc
 
@@ -56,6 +59,7 @@ class FeatureOptions:
     device: str = "cpu"
     batch_size: int = 64
     inception_weights: str | None = None  # `inception`: weights file (else $MFRAE_FID_INCEPTION)
+    fid_convention: str = DEFAULT_FID_CONVENTION  # `inception`: resize + normalisation (mfrae.eval.conventions)
     encoder: str | None = None  # `encoder`: local Hugging Face model folder
     module: Callable[[Tensor], Any] | None = None  # `encoder`: an in-memory encoder instead of a folder
     module_mean: tuple[float, ...] = IMAGENET_MEAN  # `module`'s input normalisation
@@ -97,10 +101,12 @@ def _unpack(name: str, out: Tensor | tuple[Tensor, Tensor] | Mapping[str, Tensor
 class FeatureExtractor:
     """Runs `forward` over uint8 NHWC images in batches under `torch.inference_mode`."""
 
-    def __init__(self, name: str, forward: ForwardFn, device: str | torch.device = "cpu", batch_size: int = 64) -> None:
+    def __init__(self, name: str, forward: ForwardFn, device: str | torch.device = "cpu", batch_size: int = 64,
+                 convention: str = "") -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.name = name
+        self.convention = convention  # the FID convention of Inception features ("" for other extractors)
         self.forward = forward
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -128,9 +134,9 @@ class FeatureExtractor:
                 bar.update(batch.shape[0])
         predictions, score_logits = (np.concatenate(collected[k]) if collected[k] else None
                                      for k in ("predictions", "score_logits"))
+        spatial_stats = replace(spatial.stats(self.name), convention=self.convention) if spatial.n >= 2 else None
         return Extracted(features=np.concatenate(collected["features"]), predictions=predictions,
-                         score_logits=score_logits, spatial=spatial.stats(self.name) if spatial.n >= 2 else None,
-                         num_classes=num_classes)
+                         score_logits=score_logits, spatial=spatial_stats, num_classes=num_classes)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.extract(images).features
@@ -187,13 +193,14 @@ def _pixels_factory(options: FeatureOptions) -> FeatureExtractor:
 def _inception_factory(options: FeatureOptions) -> FeatureExtractor:
     from mfrae.eval.inception import load_fid_inception
 
-    model = load_fid_inception(options.inception_weights, device=options.device)
+    model = load_fid_inception(options.inception_weights, device=options.device, convention=options.fid_convention)
 
     def forward(x: Tensor) -> dict[str, Tensor]:
         out = model.forward_all(x)
         return {"features": out.pool, "score_logits": out.logits, "spatial": out.spatial}
 
-    return FeatureExtractor("inception", forward, device=options.device, batch_size=options.batch_size)
+    return FeatureExtractor("inception", forward, device=options.device, batch_size=options.batch_size,
+                            convention=model.convention)
 
 
 def pool_encoder_output(out: Any) -> Tensor:

@@ -9,9 +9,11 @@ no auxiliary head, and patched four block types so that the port matches the TF 
 * `Mixed_7c` (E, second): the pooling branch is a 3x3 *max* pool (stride 1, padding 1).
 
 `FIDInceptionV3` rebuilds that network with the same module names, so the released weights file
-`pt_inception-2015-12-05-6726825d.pth` loads with `strict=True`. Its forward takes images in [0, 1] (NCHW),
-resizes them to 299x299 (bilinear, `align_corners=False`), maps them to [-1, 1] and returns the
-adaptive-average-pooled 2048-d features. Every `BasicConv2d` is conv (no bias) -> BatchNorm(eps=0.001) -> ReLU.
+`pt_inception-2015-12-05-6726825d.pth` loads with `strict=True`. Its forward takes images in [0, 1] (NCHW,
+8-bit values / 255), resizes them to 299x299 and normalises them as its FID convention says
+(`mfrae.eval.conventions`: `adm`, the default, is the TF graph's own TF1 bilinear resize and (x - 128) / 128;
+`pytorch-fid` and `clean` by name) and returns the adaptive-average-pooled 2048-d features. Every
+`BasicConv2d` is conv (no bias) -> BatchNorm(eps=0.001) -> ReLU.
 
 For the ADM evaluator's protocol (`forward_all`) the same pass also gives:
 
@@ -35,10 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mfrae.eval.conventions import FID_INPUT_SIZE  # noqa: F401 (re-exported: the network input side)
+from mfrae.eval.conventions import DEFAULT_FID_CONVENTION, check_fid_convention, fid_input
+
 FID_WEIGHTS_ENV = "MFRAE_FID_INCEPTION"
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"
-FID_INPUT_SIZE = 299
 FID_FEATURE_DIM = 2048
 FID_NUM_CLASSES = 1008  # the TF graph's softmax has 1008 outputs (1000 classes + 8 unused)
 SFID_CHANNELS = 7  # the ADM evaluator keeps mixed_6/conv[..., :7]
@@ -202,8 +206,10 @@ class FIDInceptionV3(nn.Module):
     `logits`); it is not used for FID features.
     """
 
-    def __init__(self, resize_input: bool = True, normalize_input: bool = True) -> None:
+    def __init__(self, resize_input: bool = True, normalize_input: bool = True,
+                 convention: str = DEFAULT_FID_CONVENTION) -> None:
         super().__init__()
+        self.convention = check_fid_convention(convention)
         self.resize_input = resize_input
         self.normalize_input = normalize_input
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
@@ -225,17 +231,14 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(FID_FEATURE_DIM, FID_NUM_CLASSES)
 
     def preprocess(self, x: Tensor) -> Tensor:
-        """[B, 3, H, W] in [0, 1] -> [B, 3, 299, 299] in [-1, 1] (each step only if enabled)."""
+        """[B, 3, H, W] in [0, 1] -> the network input [B, 3, 299, 299] under `self.convention` (each step only if
+        enabled; `mfrae.eval.conventions.fid_input`)."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"FID Inception expects images [B, 3, H, W], got shape {tuple(x.shape)}")
-        if self.resize_input:
-            x = F.interpolate(x, size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False)
-        if self.normalize_input:
-            x = 2.0 * x - 1.0
-        return x
+        return fid_input(x, self.convention, resize=self.resize_input, normalize=self.normalize_input)
 
     def _stem(self, x: Tensor) -> Tensor:
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(self.preprocess(x))))
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         return F.max_pool2d(x, kernel_size=3, stride=2)
@@ -247,6 +250,10 @@ class FIDInceptionV3(nn.Module):
     def forward_all(self, x: Tensor, spatial: bool = True) -> InceptionOutputs:
         """Images [B, 3, H, W] in [0, 1] -> pool features [B, 2048], IS logits [B, 1008] (bias-free, as in the
         ADM evaluator) and, if `spatial`, the sFID features [B, 2023] (`mixed_6/conv[..., :7]`, NHWC order)."""
+        return self.forward_network(self.preprocess(x), spatial=spatial)
+
+    def forward_network(self, x: Tensor, spatial: bool = True) -> InceptionOutputs:
+        """`forward_all` from the network input on (already resized and normalised, `preprocess`)."""
         x = self._stem(x)
         sfid = None
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c):
@@ -291,9 +298,11 @@ def resolve_fid_weights(path: str | os.PathLike[str] | None = None) -> Path:
 
 
 def load_fid_inception(path: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu",
-                       ) -> FIDInceptionV3:
-    """Build `FIDInceptionV3`, load the weights strictly from `path` (or `$MFRAE_FID_INCEPTION`), eval mode,
-    gradients off. Raises FileNotFoundError / ValueError naming the file when it is absent or does not fit."""
+                       convention: str = DEFAULT_FID_CONVENTION) -> FIDInceptionV3:
+    """Build `FIDInceptionV3` with the FID `convention`, load the weights strictly from `path` (or
+    `$MFRAE_FID_INCEPTION`), eval mode, gradients off. Raises FileNotFoundError / ValueError naming the file
+    when it is absent or does not fit."""
+    check_fid_convention(convention)
     weights = resolve_fid_weights(path)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -304,7 +313,7 @@ def load_fid_inception(path: str | os.PathLike[str] | None = None, device: str |
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"FID Inception weights {weights} are not a state dict of tensors")
-    model = FIDInceptionV3()
+    model = FIDInceptionV3(convention=convention)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

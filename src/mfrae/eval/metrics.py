@@ -1,6 +1,8 @@
 """Distribution metrics on feature vectors, one named function per metric:
 
-* `frechet_distance` — FID when the features are the Inception pool features (Heusel et al., arXiv 1706.08500);
+* `frechet_distance` — FID when the features are the Inception pool features (Heusel et al., arXiv 1706.08500),
+  its trace term from symmetric eigendecompositions (`trace_sqrt_product`); `frechet_distance_sqrtm` is the
+  ADM evaluator's scipy `sqrtm` form of the same number;
 * `sfid` — the same distance on the Inception spatial features (Nash et al., arXiv 2103.03841);
 * `inception_score` — from class logits, with the ADM evaluator's splits (Salimans et al., arXiv 1606.03498);
 * `precision_recall` — k-NN manifold precision / recall (Kynkäänniemi et al., arXiv 1904.06991);
@@ -23,6 +25,7 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
+from mfrae.eval.conventions import ADM, PYTORCH_FID
 from mfrae.eval.samples import npz_keys
 from mfrae.fileio import commit, temp_path
 
@@ -32,6 +35,10 @@ SQRTM_EPS = 1e-6
 _SQRTM_MAX_RESIDUAL = 1e-5
 # Imaginary parts of sqrtm's diagonal up to this fraction of its mean |real diagonal| are rounding noise.
 _MAX_IMAG_FRACTION = 1e-3
+# A covariance's asymmetry (relative to its largest entry) and negative eigenvalues (relative to its largest
+# eigenvalue) up to these sizes are rounding noise; larger ones mean the matrix is not a covariance.
+_MAX_ASYMMETRY = 1e-6
+_MAX_NEGATIVE_EIGENVALUE = 1e-6
 
 
 def _as_float64(name: str, value: np.ndarray, ndim: int) -> np.ndarray:
@@ -58,17 +65,8 @@ def _sqrtm(a: np.ndarray) -> tuple[np.ndarray, float]:
 # ---------------------------------------------------------------------------------- Fréchet distance
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = SQRTM_EPS) -> float:
-    """Fréchet (2-Wasserstein) distance between N(mu1, S1) and N(mu2, S2) (FID: Heusel et al., arXiv 1706.08500):
-
-        FD = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})
-
-    (S1 S2)^{1/2} is computed with `scipy.linalg.sqrtm`. If that fails on a (near-)singular product
-    (non-finite result or a relative residual above 1e-5), it is recomputed on ((S1 + eps I)(S2 + eps I)).
-    Small imaginary parts from rounding are dropped; a large imaginary part raises ValueError. A negative
-    total (only reachable through rounding, e.g. when the two Gaussians coincide) is returned as 0.
-    """
+def _check_gaussians(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     mu1 = _as_float64("mu1", mu1, 1)
     mu2 = _as_float64("mu2", mu2, 1)
     sigma1 = _as_float64("sigma1", sigma1, 2)
@@ -77,7 +75,77 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ValueError(f"shape mismatch: mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, "
                          f"sigma2 {sigma2.shape}; expected ({d},) and ({d}, {d})")
+    return mu1, sigma1, mu2, sigma2
 
+
+def _check_symmetric(name: str, sigma: np.ndarray) -> None:
+    scale = max(float(np.max(np.abs(sigma))), float(np.finfo(np.float64).tiny))
+    asymmetry = float(np.max(np.abs(sigma - sigma.T)))
+    if asymmetry > _MAX_ASYMMETRY * scale:
+        raise ValueError(f"{name} is not symmetric (max |S - S^T| = {asymmetry:.3g}); not a covariance")
+
+
+def _psd_eigen(name: str, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (negative rounding noise set to 0) and eigenvectors of the symmetric PSD matrix `sigma`
+    (LAPACK's divide-and-conquer `syevd`); a ValueError naming it when it is not symmetric or has a clearly
+    negative eigenvalue."""
+    _check_symmetric(name, sigma)
+    values, vectors = scipy.linalg.eigh(0.5 * (sigma + sigma.T), driver="evd", check_finite=False)
+    if values[0] < -_MAX_NEGATIVE_EIGENVALUE * max(float(values[-1]), float(np.finfo(np.float64).tiny)):
+        raise ValueError(f"{name} is not positive semi-definite (eigenvalue {values[0]:.3g}); not a covariance")
+    return np.clip(values, 0.0, None), vectors
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr (S1 S2)^{1/2} for symmetric PSD S1, S2, from two symmetric eigendecompositions (float64):
+
+        Tr (S1 S2)^{1/2} = sum_i sqrt(lambda_i),  lambda = eig(S1^{1/2} S2 S1^{1/2}),
+
+    since S1 S2 = S1^{1/2} (S1^{1/2} S2) and S1^{1/2} S2 S1^{1/2} = (S1^{1/2} S2) S1^{1/2} have the same
+    non-zero eigenvalues, and the symmetric product's are real and >= 0 (Dowson & Landau 1982; the same
+    identity as in the FID derivation, Heusel et al., arXiv 1706.08500). Exact for singular covariances too,
+    with no diagonal offset; negative eigenvalues of rounding size are taken as 0."""
+    values, vectors = _psd_eigen("sigma1", sigma1)
+    _check_symmetric("sigma2", sigma2)
+    root = (vectors * np.sqrt(values)) @ vectors.T
+    middle = root @ sigma2 @ root
+    product = scipy.linalg.eigh(0.5 * (middle + middle.T), eigvals_only=True, driver="evd", check_finite=False)
+    if product[0] < -_MAX_NEGATIVE_EIGENVALUE * max(float(product[-1]), float(np.finfo(np.float64).tiny)):
+        # S1^{1/2} S2 S1^{1/2} is PSD whenever S2 is; a clearly negative eigenvalue means S2 is not.
+        raise ValueError(f"sigma2 is not positive semi-definite (eigenvalue {product[0]:.3g} of "
+                         "S1^1/2 S2 S1^1/2); not a covariance")
+    return float(np.sum(np.sqrt(np.clip(product, 0.0, None))))
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet (2-Wasserstein) distance between N(mu1, S1) and N(mu2, S2) (FID: Heusel et al., arXiv 1706.08500),
+    in float64:
+
+        FD = ||mu1 - mu2||^2 + Tr S1 + Tr S2 - 2 Tr (S1 S2)^{1/2}
+
+    with the trace term from symmetric eigendecompositions (`trace_sqrt_product`): the same number as the ADM
+    evaluator's `scipy.linalg.sqrtm(S1 S2)` wherever that converges (`frechet_distance_sqrtm`), in seconds at
+    2048-d, and exact for the singular covariances of fewer samples than dimensions. A negative total (only
+    reachable through rounding, e.g. when the two Gaussians coincide) is returned as 0.
+    """
+    mu1, sigma1, mu2, sigma2 = _check_gaussians(mu1, sigma1, mu2, sigma2)
+    diff = mu1 - mu2
+    fd = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
+    return max(fd, 0.0)
+
+
+def frechet_distance_sqrtm(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                           eps: float = SQRTM_EPS) -> float:
+    """The same distance computed as the ADM evaluator (`evaluations/evaluator.py`, `FIDStatistics.
+    frechet_distance`) and pytorch-fid do: `scipy.linalg.sqrtm` of the non-symmetric product S1 S2, which can
+    take minutes at 2048-d (kept as the reference for `frechet_distance` and for the benchmark).
+
+    If the root fails on a (near-)singular product (non-finite result or a relative residual above 1e-5), it is
+    recomputed on ((S1 + eps I)(S2 + eps I)). Small imaginary parts from rounding are dropped; a large imaginary
+    part raises ValueError. A negative total is returned as 0.
+    """
+    mu1, sigma1, mu2, sigma2 = _check_gaussians(mu1, sigma1, mu2, sigma2)
+    d = mu1.shape[0]
     covmean, residual = _sqrtm(sigma1 @ sigma2)
     if residual > _SQRTM_MAX_RESIDUAL:
         # (Near-)singular product: shift both covariances by eps I and take the best root we can get.
@@ -100,17 +168,20 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 @dataclass(frozen=True)
 class FeatureStats:
-    """Mean, covariance and sample count of a feature set; `features` names the extractor (may be empty) and
-    `image_size` the (H, W) of the images (None: unknown).
+    """Mean, covariance and sample count of a feature set; `features` names the extractor (may be empty),
+    `image_size` the (H, W) of the images (None: unknown) and `convention` the FID convention of Inception
+    features (`mfrae.eval.conventions`; "" for other extractors).
 
     Saved as an .npz with keys `mu` [D], `sigma` [D, D], `n` (scalar), `features` (string) and, when known,
-    `image_size` (int64 [2]), so that `mfrae eval` can refuse samples of another resolution."""
+    `image_size` (int64 [2]) and `fid_convention` (string), so that `mfrae eval` can refuse samples of another
+    resolution or statistics of another FID convention."""
 
     mu: np.ndarray
     sigma: np.ndarray
     n: int
     features: str = ""
     image_size: tuple[int, int] | None = None
+    convention: str = ""
 
     @classmethod
     def from_features(cls, features: np.ndarray, name: str = "") -> FeatureStats:
@@ -133,6 +204,8 @@ class FeatureStats:
         arrays = {"mu": self.mu, "sigma": self.sigma, "n": np.int64(self.n), "features": np.str_(self.features)}
         if self.image_size is not None:
             arrays["image_size"] = np.asarray(self.image_size, dtype=np.int64)
+        if self.convention:
+            arrays[CONVENTION_KEY] = np.str_(self.convention)
         if spatial is not None:
             arrays.update(mu_s=spatial.mu, sigma_s=spatial.sigma)
         tmp = temp_path(out)
@@ -146,7 +219,11 @@ class FeatureStats:
     @classmethod
     def load(cls, path: str | os.PathLike[str], suffix: str = "") -> FeatureStats:
         """Read stats written by `save` (or any .npz with `mu` and `sigma`; `n` and `features` optional).
-        `suffix="_s"` reads the sFID statistics `mu_s` / `sigma_s` of an ADM reference batch instead."""
+        `suffix="_s"` reads the sFID statistics `mu_s` / `sigma_s` of an ADM reference batch instead.
+
+        The FID convention is the file's `fid_convention`; a file without one is `stored_convention`'s guess:
+        `pytorch-fid` for mfrae's Inception stats written before conventions had names, else `adm` (ADM's
+        reference batches, made by the TF graph, carry neither `features` nor a convention)."""
         src = Path(path)
         if not src.is_file():
             raise FileNotFoundError(f"feature stats file not found: {src}")
@@ -155,7 +232,8 @@ class FeatureStats:
         try:
             with np.load(src, allow_pickle=False) as data:
                 keys = set(data.files)
-                arrays = {key: data[key] for key in (mu_key, sigma_key, "n", "features", "image_size") if key in keys}
+                arrays = {key: data[key] for key in (mu_key, sigma_key, "n", "features", "image_size", CONVENTION_KEY)
+                          if key in keys}
         except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:  # a damaged member
             raise ValueError(f"cannot read feature stats {src} ({type(err).__name__}: {err})") from err
         missing = [key for key in (mu_key, sigma_key) if key not in keys]
@@ -174,8 +252,25 @@ class FeatureStats:
                              f"got {mu.dtype}/{sigma.dtype}")
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
             raise ValueError(f"feature stats {src}: 'mu' or 'sigma' contains NaN or infinite values")
+        recorded = str(arrays[CONVENTION_KEY]) if CONVENTION_KEY in arrays else None
         return cls(mu=mu.astype(np.float64), sigma=sigma.astype(np.float64), n=n, features=name,
-                   image_size=None if size is None else (int(size[0]), int(size[1])))
+                   image_size=None if size is None else (int(size[0]), int(size[1])),
+                   convention=stored_convention(recorded, "features" in arrays, name))
+
+
+CONVENTION_KEY = "fid_convention"
+
+
+def stored_convention(recorded: str | None, has_features_key: bool, features: str) -> str:
+    """The FID convention of a stats file: the one it records; else `pytorch-fid` for an mfrae file of
+    Inception features (`features` recorded as "inception": mfrae's only convention before they had names);
+    "" for other mfrae features; `adm` for a file without a `features` key (ADM's reference batches, made by
+    the TF graph)."""
+    if recorded:
+        return recorded
+    if not has_features_key:
+        return ADM
+    return PYTORCH_FID if features == "inception" else ""
 
 
 class RunningStats:

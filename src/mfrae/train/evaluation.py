@@ -9,6 +9,11 @@ and returns the FD against the reference statistics (computed once, when the eva
     MeanFlow stages   eval/fd_{n}step   for n in eval.steps          (n jumps, `meanflow_sample`)
     teacher           eval/fd_{n}nfe    for n in eval.teacher_steps  (n Euler steps on the training time grid)
     both              eval/class_acc_…  when the extractor also classifies (the digits judge)
+
+With the FID Inception (`eval.features: inception`) the key names the FID convention next to the number,
+`eval/fd_1step_fid-adm` (`eval.feature_options.fid_convention`, default `adm`; docs/evaluation.md), so that FIDs
+of two conventions never share a curve; a reference stats file of another convention is refused when the
+evaluator is built.
 """
 
 from __future__ import annotations
@@ -30,13 +35,25 @@ from mfrae.train.config import EvalConfig
 
 
 def reference_statistics(spec: str, extractor: FeatureExtractor) -> FeatureStats:
-    """Feature statistics of the reference: a stats .npz (`mu`, `sigma`) as it is, else images through `extractor`."""
+    """Feature statistics of the reference: a stats .npz (`mu`, `sigma`) as it is, else images through `extractor`.
+    Inception statistics of another FID convention than the extractor's are refused, naming the file."""
     path = Path(spec)
     if path.suffix == ".npz" and path.is_file():
         with np.load(path, allow_pickle=False) as data:
             if {"mu", "sigma"} <= set(data.files):
-                return FeatureStats.load(path)
-    return FeatureStats.from_features(extractor(load_images(path).images), extractor.name)
+                stats = FeatureStats.load(path)
+                if extractor.convention and stats.convention != extractor.convention:
+                    raise ValueError(f"eval.reference {path} holds statistics of FID convention "
+                                     f"'{stats.convention}', but the evaluator uses '{extractor.convention}' "
+                                     "(eval.feature_options.fid_convention); they are not comparable")
+                return stats
+    stats = FeatureStats.from_features(extractor(load_images(path).images), extractor.name)
+    return replace(stats, convention=extractor.convention)
+
+
+def fd_key(suffix: str, convention: str) -> str:
+    """The metric name of an FD: `eval/fd_{suffix}`, with `_fid-{convention}` appended for Inception FIDs."""
+    return f"eval/fd_{suffix}" + (f"_fid-{convention}" if convention else "")
 
 
 @dataclass
@@ -74,7 +91,7 @@ class SampleEvaluator:
             order = np.argsort(np.concatenate([s[0] for s in shares]))
             features = np.concatenate([s[1] for s in shares])[order]
             stats = FeatureStats.from_features(features, self.extractor.name)
-            results[f"eval/fd_{suffix}"] = stats.frechet_distance(self.reference)
+            results[fd_key(suffix, self.extractor.convention)] = stats.frechet_distance(self.reference)
             if extracted.predictions is not None:
                 predictions = np.concatenate([s[2] for s in shares])[order]
                 results[f"eval/class_acc_{suffix}"] = class_accuracy(predictions, self.labels.numpy())
