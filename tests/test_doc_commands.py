@@ -147,6 +147,7 @@ def run_line(line: Line, entry: Run, argv: list[str], folder, monkeypatch) -> No
     elif argv[0] in PYTHONS and argv[1].startswith("benchmarks/"):
         spec = importlib.util.spec_from_file_location(f"doc_{os.path.basename(argv[1])[:-3]}", REPO / argv[1])
         module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
         spec.loader.exec_module(module)
         assert module.main([*argv[2:], *entry.extra]) in (0, None), where
     elif argv[0] == "make":
