@@ -278,6 +278,37 @@ def bar_figure(groups: dict[str, list[float]], *, ylabel: str, title: str, value
     return fig
 
 
+def scatter_panels_figure(panels: dict[str, tuple[np.ndarray, np.ndarray]], *, title: str, ncols: int = 3,
+                          limit: float | None = None, panel_size: float = 2.6) -> Figure:
+    """Point clouds in 2-D, one panel per label: the reference points (e.g. data) in grey under the points of
+    the label (e.g. a model's samples) in colour. `panels[label] = (reference [N, 2], points [M, 2])`; the
+    axes are shared and square, from -limit to limit (default: the largest absolute coordinate).
+    `axes[i].collections[1]` holds the i-th label's points."""
+    _check_nonempty(panels, "panels")
+    arrays = {}
+    for label, pair in panels.items():
+        ref, pts = (np.asarray(a, dtype=np.float64) for a in pair)
+        if ref.ndim != 2 or pts.ndim != 2 or ref.shape[1] != 2 or pts.shape[1] != 2:
+            raise ValueError(f"panels[{label!r}] needs two [N, 2] arrays, got {ref.shape} and {pts.shape}")
+        arrays[label] = (ref, pts)
+    if limit is None:
+        limit = max(float(np.nanmax(np.abs(np.concatenate(pair)))) for pair in arrays.values()) * 1.05
+    cols = min(ncols, len(arrays))
+    rows = math.ceil(len(arrays) / cols)
+    fig = Figure(figsize=(panel_size * cols, panel_size * rows + 0.4), dpi=DPI, layout="constrained")
+    fig.suptitle(title, fontsize=TITLE_SIZE)
+    for i, (label, (ref, pts)) in enumerate(arrays.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.scatter(ref[:, 0], ref[:, 1], s=2, color="#b8b8b8", linewidths=0)
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, color=PALETTE[i % len(PALETTE)], linewidths=0)
+        ax.set_xlim(-limit, limit)
+        ax.set_ylim(-limit, limit)
+        ax.set_aspect("equal")
+        ax.set_title(str(label), fontsize=SMALL_SIZE)
+        ax.tick_params(labelsize=TICK_SIZE)
+    return fig
+
+
 #################################################################################
 #                                 Image mosaics                                 #
 #################################################################################

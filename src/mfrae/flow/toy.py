@@ -43,25 +43,49 @@ DEFAULT_STEPS: dict[str, int] = {"fm": 6000, "cmt": 3000, "mfd": 6000, "mft": 60
 
 
 class GaussianMixture:
-    """Isotropic Gaussian mixture sum_k pi_k N(m_k, std^2 I) in D dims, with its exact flow.
+    """Gaussian mixture sum_k pi_k N(m_k, diag(s_k^2)) in D dims, with its exact flow.
 
+    `std` is one number (every component isotropic with that std), one per component [K], or one per
+    component and dimension [K, D]. On the path z_t = (1 - t) x + t e component k stays Gaussian with the
+    per-dimension variance var_k(t) = (1 - t)^2 s_k^2 + t^2, so the velocity is closed-form for any stds.
     Callable as a velocity teacher: `mixture(z, t, y)` = v(z, t | y) (y = k: component k; y = K: all).
     """
 
-    def __init__(self, means: Tensor, std: float, weights: Tensor | None = None):
+    def __init__(self, means: Tensor, std: float | Tensor, weights: Tensor | None = None):
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.dim() != 2:
             raise ValueError(f"means must be [K, D], got shape {tuple(means.shape)}")
-        if not std > 0:
-            raise ValueError(f"std must be > 0, got {std!r}")
+        stds = torch.as_tensor(std, dtype=torch.float64)
+        if stds.dim() == 1 and stds.shape[0] == means.shape[0]:
+            stds = stds[:, None]
+        if stds.dim() > 2 or not bool((stds > 0).all()):
+            raise ValueError(f"std must be positive: one number, [K] or [K, D], got {std!r}")
+        try:
+            stds = stds.expand_as(means).clone()
+        except RuntimeError:
+            raise ValueError(f"std of shape {tuple(stds.shape)} does not fit means of shape {tuple(means.shape)}")
         if weights is None:
             weights = torch.ones(means.shape[0])
         weights = torch.as_tensor(weights, dtype=torch.float64)
         if weights.shape != (means.shape[0],) or bool((weights <= 0).any()):
             raise ValueError(f"weights must be {means.shape[0]} positive numbers, got {weights.tolist()}")
         self.means = means
-        self.std = float(std)
+        self.stds = stds  # [K, D]
         self.weights = weights / weights.sum()
+
+    def to(self, dtype: torch.dtype) -> GaussianMixture:
+        """The same mixture computing in `dtype`: float32 makes a fast training teacher; the oracle (flow,
+        average_velocity) stays with the float64 default."""
+        other = copy.copy(self)
+        other.means, other.stds, other.weights = (p.to(dtype) for p in (self.means, self.stds, self.weights))
+        return other
+
+    @property
+    def std(self) -> float:
+        """The one std shared by every component and dimension (refused when they differ)."""
+        if not bool((self.stds == self.stds[0, 0]).all()):
+            raise ValueError("this mixture has per-component stds; read .stds [K, D]")
+        return float(self.stds[0, 0])
 
     @classmethod
     def default(cls) -> GaussianMixture:
@@ -86,13 +110,14 @@ class GaussianMixture:
         """n data points, float32 [n, D]."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         noise = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
-        return (self.means[k] + self.std * noise).float()
+        return (self.means[k] + self.stds[k] * noise).float()
 
     def _component_logits(self, z: Tensor, t: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-component log pi_k N(z; (1 - t) m_k, sigma_t^2 I) (up to the shared normaliser), diffs, sigma_t^2."""
-        var = (1 - t).square() * self.std**2 + t.square()  # [B]
-        diff = z[:, None, :] - (1 - t)[:, None, None] * self.means[None]  # [B, K, D]
-        logits = self.weights.log()[None] - diff.square().sum(-1) / (2 * var[:, None])
+        """Per-component log pi_k N(z; (1 - t) m_k, diag var_k(t)) (up to the shared (2 pi)^(-D/2)), the diffs
+        z - (1 - t) m_k [B, K, D] and the variances var_k(t) = (1 - t)^2 s_k^2 + t^2 [B, K, D]."""
+        var = (1 - t)[:, None, None].square() * self.stds[None].square() + t[:, None, None].square()
+        diff = z[:, None, :] - (1 - t)[:, None, None] * self.means[None]
+        logits = self.weights.log()[None] - 0.5 * (diff.square() / var + var.log()).sum(-1)
         if y is not None:
             y = torch.as_tensor(y, device=z.device).long()
             own = torch.arange(self.num_components, device=z.device)[None] == y[:, None]
@@ -100,13 +125,19 @@ class GaussianMixture:
         return logits, diff, var
 
     def velocity(self, z: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
-        """Closed-form marginal velocity E[e - x | z_t = z] (float64 math, returned in z's dtype)."""
-        z64 = z.double()
+        """Closed-form marginal velocity E[e - x | z_t = z] (in the mixture's dtype, float64 unless `to`; returned
+        in z's dtype):
+
+            v = sum_k gamma_k(z, t) [ (t - (1 - t) s_k^2) / var_k(t) (z - (1 - t) m_k) - m_k ]
+
+        (per dimension), gamma_k the posterior of component k given z_t = z.
+        """
+        z64 = z.to(self.means.dtype)
         t64 = broadcast_time(t, z64)
         logits, diff, var = self._component_logits(z64, t64, y)
         post = torch.softmax(logits, dim=1)  # [B, K]
-        coef = ((t64 - (1 - t64) * self.std**2) / var)[:, None]
-        v = coef * (post[:, :, None] * diff).sum(1) - post @ self.means
+        coef = (t64[:, None, None] - (1 - t64)[:, None, None] * self.stds[None].square()) / var
+        v = (post[:, :, None] * (coef * diff)).sum(1) - post @ self.means
         return v.to(z.dtype)
 
     def __call__(self, z: Tensor, t: Tensor | float, y: Tensor | None = None, r: Tensor | None = None) -> Tensor:
@@ -118,8 +149,8 @@ class GaussianMixture:
         """Exact log-density of z_t (float64), for checks of the velocity through the score."""
         z64 = z.double()
         t64 = broadcast_time(t, z64)
-        logits, _, var = self._component_logits(z64, t64, None)
-        return torch.logsumexp(logits, dim=1) - 0.5 * self.dim * torch.log(2 * math.pi * var)
+        logits, _, _ = self._component_logits(z64, t64, None)
+        return torch.logsumexp(logits, dim=1) - 0.5 * self.dim * math.log(2 * math.pi)
 
     def flow(
         self, z: Tensor, t: Tensor | float, r: Tensor | float, y: Tensor | None = None, num_steps: int = 200
