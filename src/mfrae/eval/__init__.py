@@ -1,8 +1,9 @@
-"""Evaluation: Fréchet distance (FID with the FID Inception-v3, FD on encoder features), sFID, Inception Score,
-k-NN precision / recall, class accuracy, image-set I/O (ADM .npz, image folders, read whole or streamed) and the
-`mfrae eval` command (`mfrae.eval.cli`; the FID-50K protocol: docs/evaluation.md).
+"""Evaluation: Fréchet distance (FID with the FID Inception-v3 under a named FID convention, FD on encoder
+features), sFID, Inception Score, k-NN precision / recall, class accuracy, image-set I/O (ADM .npz, image folders,
+read whole or streamed) and the `mfrae eval` command (`mfrae.eval.cli`; the FID-50K protocol: docs/evaluation.md).
 """
 
+from mfrae.eval.conventions import DEFAULT_FID_CONVENTION, FID_CONVENTIONS, fid_input
 from mfrae.eval.features import (
     Extracted,
     FeatureExtractor,
@@ -21,9 +22,11 @@ from mfrae.eval.metrics import (
     RunningStats,
     class_accuracy,
     frechet_distance,
+    frechet_distance_sqrtm,
     inception_score,
     precision_recall,
     sfid,
+    trace_sqrt_product,
 )
 from mfrae.eval.samples import (
     ImageSet,
@@ -37,6 +40,8 @@ from mfrae.eval.samples import (
 )
 
 __all__ = [
+    "DEFAULT_FID_CONVENTION",
+    "FID_CONVENTIONS",
     "Extracted",
     "FIDInceptionV3",
     "FeatureExtractor",
@@ -52,7 +57,9 @@ __all__ = [
     "class_accuracy",
     "default_device",
     "encoder_feature_extractor",
+    "fid_input",
     "frechet_distance",
+    "frechet_distance_sqrtm",
     "from_uint8_nhwc",
     "inception_score",
     "load_fid_inception",
@@ -64,6 +71,7 @@ __all__ = [
     "save_image_dir",
     "sfid",
     "to_uint8_nhwc",
+    "trace_sqrt_product",
     "unregister_feature_extractor",
 ]
 from mfrae.eval import judge as _judge  # noqa: E402,F401  registers the "digits_judge" feature extractor
