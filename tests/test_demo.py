@@ -79,3 +79,24 @@ def test_running_again_reuses_finished_stages(demo, capsys):
     out = capsys.readouterr().out
     assert out.count("reused") >= 5
     assert (demo / "teacher" / "metrics.jsonl").read_text() == before
+
+
+def test_stage_check_says_when_a_stage_leaves_the_one_step_model_worse():
+    from mfrae.demo import stage_check
+
+    metrics = {"cmt_1step": {"fd": 40.0}, "mfd_1step": {"fd": 42.5}, "mft_1step": {"fd": 42.5}}
+    mfd, mft = stage_check(metrics)
+    assert (mfd["stage"], mfd["init"], mfd["worse"]) == ("mfd", "cmt", True)
+    assert "worse by 2.5" in mfd["text"] and "docs/study.md" in mfd["text"]
+    assert mft["worse"] is False and mft["text"].endswith("not worse.")  # equal is not worse
+    metrics["mft_1step"]["fd"] = math.nan  # a missing number is never passed as fine
+    assert stage_check(metrics)[1]["worse"] is True
+
+
+def test_report_checks_every_meanflow_stage_against_its_init(demo):
+    report = json.loads((demo / "report.json").read_text())
+    rows = {row["stage"]: row for row in report["stage_check"]}
+    assert set(rows) == {"mfd", "mft"}
+    assert rows["mfd"]["init_fd_1step"] == report["fd_cmt_1step"] and rows["mfd"]["fd_1step"] == report["fd_mfd_1step"]
+    assert rows["mfd"]["worse"] == (report["fd_mfd_1step"] > report["fd_cmt_1step"])
+    assert rows["mfd"]["text"] in (demo / "report.html").read_text()

@@ -160,6 +160,7 @@ def _check_summary(summary: dict, s: MixtureSettings) -> None:
         assert {r["p"] for r in bed["runs"] if r["teacher"] == "exact"} == {0.0, 1.0}
 
 
+@pytest.mark.slow  # 88 tiny runs, about 30 s of CPU: `make test-all` runs it
 def test_the_study_end_to_end_at_a_tiny_size(tmp_path):
     summary = run_mixture_study(tmp_path, TINY, workers=1)
     _check_summary(summary, TINY)

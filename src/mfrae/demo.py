@@ -357,6 +357,7 @@ class Demo:
             "costs_per_image": costs,
             "quality_vs_nfe": table,
             "seconds_per_stage": dict(seconds),
+            "stage_check": stage_check(metrics),
             "encoder": "small ViT trained on the digits (stands in for DINOv2, whose weights cannot be downloaded here)",
         }
 
@@ -389,9 +390,28 @@ class Demo:
             "ViT trained on the digits and frozen: it stands in for DINOv2, whose weights cannot be downloaded here; "
             "with real weights the same pipeline uses DINOv2. Quality is judged by a classifier trained only on real "
             "digits: Fréchet distance of its penultimate features against the test split, and the accuracy of its "
-            "predictions against the requested classes. GFLOPs are true FLOPs per image (decoder included)."
+            "predictions against the requested classes. GFLOPs are true FLOPs per image (decoder included). "
+            + " ".join(row["text"] for row in report["stage_check"])
         )
         return write_report(self.out, report, figures, title="mfrae demo: MeanFlow in RAE latent space", note=note).html
+
+
+# Where the study explains when a MeanFlow stage can make the 1-step model worse than its init.
+STAGE_CHECK_REASON = "docs/study.md#the-demo-and-the-evidence"
+
+
+def stage_check(metrics: dict[str, dict]) -> list[dict]:
+    """Each MeanFlow stage's 1-step FD against the stage it starts from (CMT -> MFD -> MFT): a stage that leaves
+    the 1-step model worse is said so next to the number, with where the measured reason is written."""
+    rows = []
+    for stage, init in (("mfd", "cmt"), ("mft", "mfd")):
+        fd, before = metrics[f"{stage}_1step"]["fd"], metrics[f"{init}_1step"]["fd"]
+        worse = not fd <= before
+        text = (f"{stage.upper()} 1-step FD {fd:.3g} against its {init.upper()} init's {before:.3g}: "
+                + (f"worse by {fd - before:.3g} (the measured reason: {STAGE_CHECK_REASON})." if worse else "not worse."))
+        rows.append({"stage": stage, "init": init, "fd_1step": fd, "init_fd_1step": before, "worse": worse,
+                     "text": text})
+    return rows
 
 
 def _timed(seconds: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
