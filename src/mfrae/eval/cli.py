@@ -45,7 +45,7 @@ from mfrae.eval.metrics import IS_SPLIT_SIZE, FeatureStats, class_accuracy, ince
 from mfrae.eval.samples import ImageStream, load_images, npz_keys, open_images, save_adm_npz
 
 PRECOMPUTED, FROM_IMAGES = "precomputed", "images"
-PIXELS_SIZE = 16  # --features pixels: 768 features; 32 (3072) costs about 9x as much for the same ranking
+PIXELS_SIZE = 16  # --features pixels: 768 features; 32 (3072) costs 9x to 20x as much for the same ranking
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,9 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pixels-size", type=int, default=PIXELS_SIZE,
                         help=f"longer side of the downsampled image for --features pixels (default: {PIXELS_SIZE}, "
                              "3 x 16 x 16 = 768 features). The cost grows with the cube of the feature count (the "
-                             "Frechet distance's matrix square root): measured for 600 vs 600 images on 2 busy "
-                             "CPU cores, the distance alone took 10 s at 16 and 92 s at 32; digits with more noise "
-                             "ranked in the same order at both sizes")
+                             "Frechet distance's matrix functions): measured for 600 vs 600 images on 2 busy CPU "
+                             "cores, the distance alone took about 10 s at 16 and 90 to 250 s at 32; digits with "
+                             "more noise ranked in the same order at both sizes")
     parser.add_argument("--batch-size", type=int, default=64, help="images per feature batch (default: 64)")
     parser.add_argument("--device", default=None, help="torch device for feature extraction (default: cuda if "
                                                        "available, else cpu)")
