@@ -135,6 +135,8 @@ REGISTRY: dict[str, Run | NotRun] = {
     ".venv/bin/python benchmarks/sampling.py --threads 1 --compile --json": Run(extra=(
         "--preset", "tiny", "--batch", "2", "--repeats", "1", "--warmup", "0", "--device", "cpu"), slow=True),
     ".venv/bin/python benchmarks/flops.py --json": Run(extra=("--presets", "imagenet256-s")),
+    ".venv/bin/python benchmarks/frechet.py": Run(extra=("--dim", "48", "--samples", "20,300")),
+    ".venv/bin/python benchmarks/fid_conventions.py": Run(extra=("--sizes", "8", "--num", "3"), slow=True),
     ".venv/bin/python benchmarks/sample_memory.py": Run(extra=("--sizes", "40,80", "--batch-size", "16",
                                                                "--shard-size", "32"), slow=True),
     "bash benchmarks/gpu_check.sh out/gpu_check": NotRun("needs a CUDA GPU; tests/test_benchmarks.py checks the "
