@@ -186,6 +186,9 @@ REGISTRY: dict[str, Run | NotRun] = {
         NotRun("needs a demo run; tests/test_study.py runs `mfrae study --fast` on the session's fast demo"),
     "mfrae study --fast --from /tmp/fastbase --out /tmp/study_fast":
         NotRun("needs a demo run; tests/test_study.py runs `mfrae study --fast` on the session's fast demo"),
+    "mfrae study --testbed mixture --out runs/study_mixture":
+        NotRun("about an hour on 2 cores; tests/test_study_mixture.py runs the same code at a tiny size"),
+    "mfrae study --testbed mixture --out runs/study_mixture_fast --fast": Run(extra=("--workers", "1"), slow=True),
 }
 
 # ------------------------------------------------------------------------------------------------ stand-ins
