@@ -91,3 +91,22 @@ def test_pixel_features_rank_noisier_digits_worse_at_the_default_size(tmp_path, 
                      "--device", "cpu"]) == 0
         distances.append(json.loads(capsys.readouterr().out)["fd"])
     assert distances == sorted(distances) and distances[0] < distances[-1] / 3
+
+
+def test_log_lines_go_to_the_stderr_of_the_moment(monkeypatch):
+    """`main` runs many times in one process; a log line must reach the current sys.stderr even after the one
+    that was current at the first call has been closed."""
+    import io
+    import logging
+    import sys
+
+    from mfrae.cli import _log_to_stderr
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    _log_to_stderr()
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("mfrae").warning("--resume: skipped step_6")
+    assert "[mfrae] --resume: skipped step_6" in second.getvalue()

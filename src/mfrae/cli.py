@@ -41,10 +41,23 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Arg
     return parser, selected
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to the sys.stderr of the moment, not the one it was created with: `main` may
+    run many times in one process (tests, notebooks), each time under a different sys.stderr."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the live sys.stderr is used instead
+        pass
+
+
 def _log_to_stderr() -> None:
     logger = logging.getLogger("mfrae")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[mfrae] %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
