@@ -329,6 +329,7 @@ def test_gpu_check_tiny_cpu_run_measures_every_section(tmp_path, sections):
     assert report["summary"]["train_mfu_target_met"] is (max(mfus) >= 0.45)
 
 
+@pytest.mark.slow  # a child process, ~30 s on 2 cores; the tiny benchmark above covers the same code by default
 def test_gpu_check_derivative_accuracy_section_on_cpu(tmp_path):
     """The derivative-accuracy section on a tiny DiT^DH: every strategy, step and precision measured; the library
     stencil's error is the same under bf16 autocast (it runs in float32), the fused stencil's is not."""
