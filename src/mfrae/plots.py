@@ -53,6 +53,21 @@ def figure_png(fig: Figure, *, dpi: float = DPI) -> bytes:
     return buffer.getvalue()
 
 
+def write_pngs(figures: Mapping[str, Figure], folder: str | Path, prefix: str) -> dict[str, bytes]:
+    """Render each figure to PNG and write it as folder/{prefix}{name}.png; returns the PNG bytes by name."""
+    pngs = {name: figure_png(fig) for name, fig in figures.items()}
+    for name, png in pngs.items():
+        (Path(folder) / f"{prefix}{name}.png").write_bytes(png)
+    return pngs
+
+
+TABLE_PAGE_HEAD = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
+table{{border-collapse:collapse}} img{{max-width:100%}}</style></head><body>
+<h1>{heading}</h1>
+"""  # the head of a plain report page of tables and figures (str.format: title, heading)
+
+
 def png_html(png: bytes, alt: str) -> str:
     """An `<img>` tag embedding PNG bytes as a base64 data URI (alt text HTML-escaped)."""
     data = base64.b64encode(png).decode("ascii")

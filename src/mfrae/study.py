@@ -537,7 +537,8 @@ def _curves(r: dict[str, list[RunResult]], names: list[str], mse: str | None = N
 
 
 def write_report(out: Path, summary: dict, r: dict[str, list[RunResult]], samples, labels, cost, s: StudySettings) -> Path:
-    from mfrae.plots import bar_figure, cost_figure, curves_figure, figure_png, png_html, sample_comparison_figure
+    from mfrae.plots import (TABLE_PAGE_HEAD, bar_figure, cost_figure, curves_figure, png_html,
+                             sample_comparison_figure, write_pngs)
 
     figures = {
         "init": curves_figure(_curves(r, ["mfd", "mfd_from_teacher", "mfd_from_random"]), xlabel="step",
@@ -573,18 +574,13 @@ def write_report(out: Path, summary: dict, r: dict[str, list[RunResult]], sample
         "samples": sample_comparison_figure(samples, labels, class_names=[str(c) for c in range(10)],
                                             per_class=s.comparison_per_class, title="1-step samples, same noise"),
     }
-    pngs = {name: figure_png(fig) for name, fig in figures.items()}
-    for name, png in pngs.items():
-        (out / f"study_{name}.png").write_bytes(png)
+    pngs = write_pngs(figures, out, "study_")
     rows = "".join(f"<tr><td>{k}</td><td>{CLAIMS[k]}</td><td><b>{v['verdict']}</b></td><td>{v['detail']}</td></tr>"
                    for k, v in summary["claims"].items())
     diag = "".join(f"<tr><td>{n}</td><td>{d['fd_1step']:.2f}</td><td>{d['spread']:.2f}</td><td>{d['change_from_init']:+.2f}</td>"
                    f"<td>{d['fd_2step']:.2f}</td></tr>" for n, d in summary["diagnosis"].items())
-    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>mfrae study</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
-table{{border-collapse:collapse}} img{{max-width:100%}}</style></head><body>
-<h1>mfrae study: the papers' claims at small scale</h1>
-<p>Mode {summary['mode']}, seeds {list(s.seeds)}, {summary['seconds_total']:.0f} s. Base run: {summary['base']}.
+    head = TABLE_PAGE_HEAD.format(title="mfrae study", heading="mfrae study: the papers' claims at small scale")
+    body = head + f"""<p>Mode {summary['mode']}, seeds {list(s.seeds)}, {summary['seconds_total']:.0f} s. Base run: {summary['base']}.
 FD: the digits judge's Fréchet distance of {s.eval_samples} EMA samples against the test split (lower is better).
 A difference counts only when the seed ranges do not overlap.</p>
 <h2>Verdicts</h2><table><tr><th>claim</th><th>statement</th><th>verdict</th><th>numbers</th></tr>{rows}</table>

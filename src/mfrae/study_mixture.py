@@ -870,7 +870,7 @@ def picture_panels(out: Path, s: MixtureSettings, bed: Testbed, teachers: list[s
 
 
 def write_report(out: Path, summary: dict, s: MixtureSettings) -> Path:
-    from mfrae.plots import bar_figure, curves_figure, figure_png, png_html, scatter_panels_figure
+    from mfrae.plots import TABLE_PAGE_HEAD, bar_figure, curves_figure, png_html, scatter_panels_figure, write_pngs
 
     final = max(s.budgets)
     figures = {}
@@ -906,18 +906,14 @@ def write_report(out: Path, summary: dict, s: MixtureSettings) -> Path:
     panels = picture_panels(out, s, bed2, ["exact", f"fm_{s.learned_teacher_steps[1]}"], ("mft", "mfd", "mfd_mft"))
     figures["mixture2d_samples"] = scatter_panels_figure(panels, ncols=4, title="2-D mixture: 1-step samples "
                                                          "(colour) over data (grey), seed 0")
-    pngs = {k: figure_png(f) for k, f in figures.items()}
-    for k, png in pngs.items():
-        (out / f"study_{k}.png").write_bytes(png)
+    pngs = write_pngs(figures, out, "study_")
     claims = "".join(f"<tr><td>{k}</td><td>{c['statement']}</td><td><b>{c['verdict']}</b></td><td>{c['conditions']}</td></tr>"
                      for k, c in summary["claims"].items())
     teachers = "".join(f"<tr><td>{b['name']}</td><td>{t['name']}</td><td>{t['kind']}</td><td>{t['description']}</td>"
                        f"<td>{t['map_err_49']:.4f}</td></tr>" for b in summary["testbeds"] for t in b["teachers"])
-    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>mfrae study: mixture testbed</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
-table{{border-collapse:collapse}} img{{max-width:100%}}</style></head><body>
-<h1>mfrae study on Gaussian mixtures: exact teacher, exact answer</h1>
-<p>Mode {summary['mode']}, seeds {list(s.seeds)}, budgets {list(s.budgets)}, {summary['seconds_total']:.0f} s with
+    head = TABLE_PAGE_HEAD.format(title="mfrae study: mixture testbed",
+                                  heading="mfrae study on Gaussian mixtures: exact teacher, exact answer")
+    body = head + f"""<p>Mode {summary['mode']}, seeds {list(s.seeds)}, budgets {list(s.budgets)}, {summary['seconds_total']:.0f} s with
 {summary['workers']} workers. Error: mean distance of the student's 1-step (2-step) sample to the exact map
 Phi_(1->0) of the same noise, over {ORACLE_POINTS} fixed noise points. A difference counts only when the seed
 ranges do not overlap.</p>
