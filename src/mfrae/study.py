@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mfrae.study_mixture import separated  # the one seed-separation rule of both testbeds
+
 log = logging.getLogger("mfrae")
 
 #################################################################################
@@ -295,18 +297,6 @@ def mean_and_spread(values: np.ndarray) -> tuple[float, float]:
     if len(values) == 0 or not np.all(np.isfinite(values)):
         return math.nan, math.nan
     return float(values.mean()), float(values.max() - values.min())
-
-
-def separated(a: np.ndarray, b: np.ndarray) -> int:
-    """+1 when every seed of a is below every seed of b (lower FD is better), -1 the reverse, 0 when the seed
-    ranges overlap: a difference counts only beyond the spread between seeds."""
-    if len(a) == 0 or len(b) == 0 or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
-        return 0
-    if a.max() < b.min():
-        return 1
-    if b.max() < a.min():
-        return -1
-    return 0
 
 
 def verdict_init(r: dict[str, list[RunResult]]) -> tuple[str, str]:

@@ -584,7 +584,7 @@ def _curve_row(data: dict) -> dict:
 
 
 def separated(a, b) -> int:
-    """+1 when every seed of a is below every seed of b (lower error is better), -1 the reverse, 0 when the
+    """+1 when every seed of a is below every seed of b (lower is better: a map error, an FD), -1 the reverse, 0 when the
     seed ranges overlap (or a value is missing): a difference counts only beyond the spread between seeds."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.size == 0 or b.size == 0 or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
